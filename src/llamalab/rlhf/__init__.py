@@ -1,0 +1,77 @@
+"""Pure maths of the LLaMA 2 recipe: LM loss, ranking loss with margins, the combined PPO reward,
+KL estimators and controllers, GAE, clipped PPO losses and whitening. Imports torch only.
+"""
+
+from llamalab.rlhf.kl import (
+    KL_KINDS,
+    AdaptiveKLController,
+    FixedKLController,
+    default_kl_coef,
+    kl_penalty,
+)
+from llamalab.rlhf.losses import (
+    IGNORE_INDEX,
+    MARGINS,
+    RATINGS,
+    lm_loss,
+    lm_loss_per_sample,
+    parse_rating,
+    ranking_loss,
+    rating_margins,
+    reward_centering_loss,
+)
+from llamalab.rlhf.ppo import (
+    entropy_from_logits,
+    gae,
+    logprobs_from_logits,
+    policy_loss,
+    value_loss,
+)
+from llamalab.rlhf.reward import (
+    SAFETY_THRESHOLD,
+    combined_reward,
+    logit,
+    paper_reward,
+    sequence_rewards_to_token_rewards,
+    truncation_penalty,
+)
+from llamalab.rlhf.stats import (
+    RunningMoments,
+    explained_variance,
+    masked_mean,
+    masked_var,
+    whiten,
+)
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KL_KINDS",
+    "MARGINS",
+    "RATINGS",
+    "SAFETY_THRESHOLD",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "RunningMoments",
+    "combined_reward",
+    "default_kl_coef",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_penalty",
+    "lm_loss",
+    "lm_loss_per_sample",
+    "logit",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "paper_reward",
+    "parse_rating",
+    "policy_loss",
+    "ranking_loss",
+    "rating_margins",
+    "reward_centering_loss",
+    "sequence_rewards_to_token_rewards",
+    "truncation_penalty",
+    "value_loss",
+    "whiten",
+]
