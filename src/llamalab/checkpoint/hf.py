@@ -1,15 +1,30 @@
-"""Name mapping between our state dict (Meta's names) and Hugging Face's ``LlamaForCausalLM``.
+"""The Hugging Face format in and out: ``config.json`` + safetensors + SentencePiece tokenizer.
 
 Our RoPE uses Hugging Face's rotate-half layout, so the tensors themselves are identical: only
 the names differ. (Meta's interleaved layout needs a row permutation of ``wq``/``wk``; see
-:mod:`llamalab.checkpoint.meta`.)
+:mod:`llamalab.checkpoint.meta`.) A ``Llama`` is written as ``LlamaForCausalLM``, a
+``LlamaScalar`` (reward / value model) as ``LlamaForSequenceClassification`` with one label, so
+``transformers.AutoModelFor...from_pretrained`` loads either without llamalab (DESIGN.md). Writing
+needs no ``transformers``; only the tests import it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
 
+import sentencepiece as spm
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from llamalab.checkpoint.io import CheckpointError, atomic_directory, build_from_state
+from llamalab.model import ConfigError, Llama, LlamaConfig, LlamaScalar
 
 _LAYER = {
     "attention.wq": "self_attn.q_proj",
@@ -60,3 +75,270 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF tensors -> our names; buffers HF may store (``rotary_emb.inv_freq``) are skipped."""
     return {from_hf_name(k): v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+# ---- writing ------------------------------------------------------------------------------------
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_UNITS = {
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+# Meta's sampling defaults (PAPER.md, "Chat format"), written to generation_config.json.
+_GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+
+
+class SentencePieceTokenizer(Protocol):
+    """What an export needs from a tokenizer (``llamalab.tokenizer.Tokenizer`` has it)."""
+
+    model_path: Path
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+
+def parse_size(size: int | str) -> int:
+    """``5_000_000`` or ``"5GB"`` / ``"500MiB"`` -> bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper())
+    if not match:
+        raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Greedy, in order: start a new shard when the next tensor would pass ``max_bytes``.
+
+    A tensor larger than ``max_bytes`` gets a shard of its own (tensors are never split).
+    """
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _token_ids(
+    model: Llama | LlamaScalar, tokenizer: SentencePieceTokenizer | None
+) -> dict[str, int | None]:
+    """bos/eos/pad ids for the config. Without a tokenizer: LLaMA's 1/2 and pad = unk id 0.
+
+    A sequence-classification model needs a pad id different from EOS: transformers pools
+    each row at its last token that is not the pad id, and the reward is read at the EOS.
+    """
+    if tokenizer is None:
+        ids: dict[str, int | None] = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    else:
+        ids = {
+            "bos_token_id": tokenizer.bos_id,
+            "eos_token_id": tokenizer.eos_id,
+            "pad_token_id": tokenizer.pad_id,
+        }
+    if isinstance(model, LlamaScalar) and ids["pad_token_id"] in (None, ids["eos_token_id"]):
+        raise CheckpointError("a reward/value model export needs a pad id different from EOS")
+    if not isinstance(model, LlamaScalar) and tokenizer is None:
+        ids["pad_token_id"] = None  # LLaMA defines none; a tokenizer export names its choice
+    return ids
+
+
+def hf_config(
+    model: Llama | LlamaScalar, tokenizer: SentencePieceTokenizer | None, dtype: torch.dtype
+) -> dict[str, Any]:
+    """``config.json`` for ``LlamaForCausalLM`` or ``LlamaForSequenceClassification``."""
+    config: LlamaConfig = model.config
+    dtype_name = str(dtype).removeprefix("torch.")
+    extra: dict[str, Any] = {
+        **_token_ids(model, tokenizer),
+        "dtype": dtype_name,  # transformers >= 5
+        "torch_dtype": dtype_name,  # transformers 4
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "use_cache": True,
+    }
+    if isinstance(model, LlamaScalar):
+        extra.update(
+            architectures=["LlamaForSequenceClassification"],
+            id2label={"0": "LABEL_0"},
+            label2id={"LABEL_0": 0},
+        )
+    return config.to_hf_config(**extra)
+
+
+def _write_tokenizer(
+    tokenizer: SentencePieceTokenizer, model: Llama | LlamaScalar, out: Path
+) -> None:
+    """``tokenizer.model`` + ``tokenizer_config.json`` + ``special_tokens_map.json``.
+
+    transformers builds its ``LlamaTokenizer`` from the SentencePiece file (a conversion that
+    uses protobuf). It adds BOS, not EOS, like Meta's ``encode(bos=True)``; it differs from
+    SentencePiece on leading spaces only (PAPER.md, "Architecture"). A reward model pads on the
+    right (transformers then needs no position ids), a language model on the left (generation).
+    """
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer.model_path))
+    if sp.vocab_size() > model.config.vocab_size:
+        raise CheckpointError(
+            f"tokenizer {tokenizer.model_path} has {sp.vocab_size()} pieces but the model's "
+            f"vocabulary is {model.config.vocab_size}: they do not belong together"
+        )
+    shutil.copyfile(tokenizer.model_path, out / "tokenizer.model")
+    special = {
+        "bos_token": sp.id_to_piece(tokenizer.bos_id),
+        "eos_token": sp.id_to_piece(tokenizer.eos_id),
+        "unk_token": sp.id_to_piece(sp.unk_id()),
+        "pad_token": sp.id_to_piece(tokenizer.pad_id),
+    }
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model.config.max_seq_len,
+        "padding_side": "right" if isinstance(model, LlamaScalar) else "left",
+    }
+    _write_json(out / "tokenizer_config.json", tokenizer_config)
+    _write_json(out / "special_tokens_map.json", special)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def _write_weights(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    shards = split_shards(state, max_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    _write_json(
+        out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+
+
+def save_hf(
+    model: Llama | LlamaScalar,
+    tokenizer: SentencePieceTokenizer | None,
+    path: str | os.PathLike[str],
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Export ``model`` (and its tokenizer) as a Hugging Face directory; returns the path.
+
+    Writes ``config.json``, ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` and
+    ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``
+    (language models) and, with a tokenizer, ``tokenizer.model`` + ``tokenizer_config.json`` +
+    ``special_tokens_map.json``. ``dtype`` casts the weights (default: as they are).
+    Crash-safe: everything goes to ``<path>.tmp-<pid>`` and is renamed into place at the end;
+    an existing export is replaced only once the new one is complete.
+    """
+    state = {
+        to_hf_name(name): t.detach().to("cpu", dtype or t.dtype).contiguous()
+        for name, t in model.state_dict().items()
+    }
+    weight_dtype = dtype or model.tok_embeddings.weight.dtype
+    config = hf_config(model, tokenizer, weight_dtype)
+    with atomic_directory(path) as tmp:
+        _write_json(tmp / "config.json", config)
+        _write_weights(state, tmp, parse_size(max_shard_size))
+        if isinstance(model, Llama):
+            ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            generation = {**ids, **_GENERATION_DEFAULTS, "max_length": model.config.max_seq_len}
+            _write_json(tmp / "generation_config.json", generation)
+        if tokenizer is not None:
+            _write_tokenizer(tokenizer, model, tmp)
+    return Path(path)
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def _weight_files(root: Path) -> list[Path]:
+    """The safetensors (or legacy ``pytorch_model.bin``) files of an HF directory, in order."""
+    index = root / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [root / name for name in sorted(set(weight_map.values()))]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (root / single).is_file():
+            return [root / single]
+    raise CheckpointError(
+        f"Hugging Face checkpoint {root}: no model.safetensors, {SAFETENSORS_INDEX} "
+        "or pytorch_model.bin"
+    )
+
+
+def _hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, f.get_tensor(name)
+        else:
+            yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+
+
+def read_hf_state(root: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory, under our names (unknown names are an error)."""
+    state, unknown = {}, []
+    for name, tensor in _hf_tensors(_weight_files(root)):
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        try:
+            state[from_hf_name(name)] = tensor
+        except KeyError:
+            unknown.append(name)
+    if unknown:
+        raise CheckpointError(f"Hugging Face checkpoint {root}: unexpected tensors {unknown[:8]}")
+    return state
+
+
+def _head_from_config(cfg: dict[str, Any], root: Path) -> str:
+    if cfg.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{root}/config.json: model_type {cfg['model_type']!r} is not llama")
+    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch == "LlamaForCausalLM":
+        return "lm"
+    if arch == "LlamaForSequenceClassification":
+        labels = len(cfg.get("id2label") or {"0": ""})
+        if labels != 1:
+            raise CheckpointError(f"{root}: a scalar model has one label, config.json has {labels}")
+        return "scalar"
+    raise CheckpointError(f"{root}/config.json: unsupported architecture {arch!r}")
+
+
+def load_hf(
+    path: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Llama | LlamaScalar:
+    """Read a Hugging Face Llama directory into :class:`Llama` (``LlamaForCausalLM``) or
+    :class:`LlamaScalar` (``LlamaForSequenceClassification`` with one label).
+
+    Single or sharded safetensors (via the index). ``dtype=None`` keeps the stored dtype.
+    """
+    root = Path(path)
+    config_file = root / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{root} is not a Hugging Face checkpoint: no config.json")
+    cfg = json.loads(config_file.read_text())
+    head = _head_from_config(cfg, root)
+    try:
+        config = LlamaConfig.from_hf_config(cfg)
+    except (ConfigError, KeyError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from err
+    state = read_hf_state(root)
+    return build_from_state(config, head, state, f"Hugging Face checkpoint {root}", device, dtype)

@@ -116,7 +116,7 @@ def stdlib_entries() -> tuple[DocEntry, ...]:
             with warnings.catch_warnings(), redirect_stdout(sink), redirect_stderr(sink):
                 warnings.simplefilter("ignore")
                 module = importlib.import_module(mod_name)
-        except BaseException:  # noqa: BLE001 - some modules refuse to import on some platforms
+        except BaseException:
             continue
         doc = _clean(getattr(module, "__doc__", None))
         if doc:

@@ -36,9 +36,13 @@ def combined_reward(
 
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Inverse sigmoid, log(p / (1 - p)), with p clamped to [eps, 1 - eps] so a saturated
-    score gives a finite value (about +-13.8 for eps 1e-6). p (...) -> same shape."""
-    p = p.clamp(eps, 1.0 - eps)
-    return torch.log(p) - torch.log1p(-p)
+    score gives a finite value (+-13.8155 for eps 1e-6).
+
+    p (...) -> same shape, float32. The clamp and logs run in float64: in float32, 1 - 1e-6
+    rounds far enough to make the upper bound 13.80 while the lower one stays 13.82.
+    """
+    p64 = p.double().clamp(eps, 1.0 - eps)
+    return (torch.log(p64) - torch.log1p(-p64)).float()
 
 
 def paper_reward(

@@ -28,7 +28,9 @@ def masked_mean(
     return (x * mask).sum(dim=dim) / mask.sum(dim=dim).clamp_min(1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool = True) -> torch.Tensor:
+def masked_var(
+    x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool = True
+) -> torch.Tensor:
     """Variance of `x` over the masked positions (a scalar), with Bessel's correction by default.
 
     The unbiased form (divide by n - 1) is what TRL and OpenAI's lm-human-preferences use for

@@ -1,0 +1,39 @@
+# Two commands for a new user: `make run` (default job) and `make test` (the suite).
+# Both create .venv if it is missing. The CPU path pins torch==2.13.0 (a CPU build; an unpinned
+# torch would pull a multi-GB CUDA build). A GPU cluster installs its own torch, then `pip install -e .`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast lint format typecheck install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) src/train.py
+
+test: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

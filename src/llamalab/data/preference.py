@@ -1,0 +1,223 @@
+"""Preference pairs for the reward models: encoding, the chosen/rejected batch, the datamodule.
+
+PAPER.md §3.2.2: a reward model reads the prompt (with earlier turns) plus one response and
+gives a scalar; the ranking loss compares the chosen and the rejected response of a pair, with a
+margin that depends on the rating. Both responses are encoded as full dialogs
+`encode_dialog(prompt + [assistant answer])`, so each ends with the answer's EOS, the token
+whose value the reward model reads.
+
+Batch (docs/interfaces.md): `input_ids (2B, T)`: chosen rows 0..B-1, rejected rows B..2B-1,
+padded with `pad_id`; `attention_mask (2B, T)`; `rating (B,)` long index into RATINGS (-1 =
+none); `is_safety (B,)` bool.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from llamalab.data.errors import DataError
+from llamalab.data.formats import Record, load_preference_records, normalize_preference
+from llamalab.data.sampling import ResumableDataModule, holdout_split
+from llamalab.rlhf.losses import parse_rating
+from llamalab.tokenizer import DialogError, Tokenizer
+
+log = logging.getLogger(__name__)
+
+PaddingSide = Literal["right", "left"]
+KINDS = ("helpful", "safety")
+
+
+def encode_preference(
+    tokenizer: Tokenizer, record: Record, max_len: int
+) -> tuple[list[int], list[int]] | None:
+    """(chosen ids, rejected ids) of a normalised preference record, each the full dialog
+    ending with EOS; None when either is longer than `max_len` (cutting would remove the EOS
+    the reward is read from, so over-long pairs are dropped, not truncated)."""
+    encoded = []
+    for key in ("chosen", "rejected"):
+        dialog = [*record["prompt"], {"role": "assistant", "content": record[key]}]
+        try:
+            encoded.append(tokenizer.encode_dialog(dialog))
+        except DialogError as err:
+            raise DataError(str(err), field=key) from None
+    if max(len(ids) for ids in encoded) > max_len:
+        return None
+    return encoded[0], encoded[1]
+
+
+def encode_preference_records(
+    tokenizer: Tokenizer, records: Sequence[Record], max_len: int, source: str = ""
+) -> tuple[list[dict[str, Any]], int]:
+    """Items `{"chosen_ids", "rejected_ids", "rating" (int, -1 none), "is_safety"}` and the
+    number of pairs dropped for length."""
+    items, dropped = [], 0
+    for index, record in enumerate(records):
+        try:
+            pair = encode_preference(tokenizer, record, max_len)
+        except DataError as err:
+            raise DataError(
+                f"record {index + 1}: {err.message}", source or None, None, err.field
+            ) from None
+        if pair is None:
+            dropped += 1
+            continue
+        items.append(
+            {
+                "chosen_ids": pair[0],
+                "rejected_ids": pair[1],
+                "rating": parse_rating(record.get("rating")),
+                "is_safety": bool(record.get("is_safety", False)),
+            }
+        )
+    return items, dropped
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_id: int, padding_side: PaddingSide = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists to the longest: ids (N, T) long and attention_mask (N, T) long (1 =
+    real). Left padding puts every row's last token in column T-1 (what generation wants)."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(0, len(row)) if padding_side == "right" else slice(width - len(row), width)
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+class PreferenceCollator:
+    """Items of `encode_preference_records` -> the preference batch (module docstring)."""
+
+    def __init__(self, pad_id: int, padding_side: PaddingSide = "right") -> None:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.pad_id, self.padding_side = pad_id, padding_side
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        rows = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
+        input_ids, attention_mask = pad_rows(rows, self.pad_id, self.padding_side)
+        return {
+            "input_ids": input_ids,  # (2B, T)
+            "attention_mask": attention_mask,  # (2B, T)
+            "rating": torch.tensor([item["rating"] for item in items], dtype=torch.long),
+            "is_safety": torch.tensor([item["is_safety"] for item in items], dtype=torch.bool),
+        }
+
+
+class PreferenceDataModule(ResumableDataModule):
+    """Preference pairs for the helpfulness or the safety reward model (PAPER.md §3.2.2).
+
+    Args:
+        kind: "helpful" or "safety": which built-in mix (and the name in logs).
+        path: a source `formats.load_preference_records` reads; None = the built-in pairs
+            (`builtin_preferences(kind, "train"|"validation", seed)`).
+        val_path: held-out pairs for a user `path`; else `val_fraction` of `path` is held out.
+        tokenizer_path: the SentencePiece model (or pass `tokenizer=`).
+        max_len: longest encoded prompt + response; longer pairs are dropped and counted.
+        batch_size: pairs per batch per device (the batch has 2 * batch_size rows).
+        padding_side: "right" (default) or "left".
+        builtin_size: number of built-in training pairs (None = the default).
+    """
+
+    def __init__(
+        self,
+        kind: str = "helpful",
+        path: str | None = None,
+        val_path: str | None = None,
+        tokenizer_path: str | None = None,
+        max_len: int = 512,
+        batch_size: int = 8,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+        num_workers: int = 0,
+        padding_side: PaddingSide = "right",
+        builtin_size: int | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        super().__init__(tokenizer_path, tokenizer, batch_size, seed, num_workers)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.kind, self.path, self.val_path, self.max_len = kind, path, val_path, max_len
+        self.val_fraction, self.padding_side, self.builtin_size = (
+            val_fraction,
+            padding_side,
+            builtin_size,
+        )
+        self._records: dict[str, list[Record]] = {}
+        self.dropped: dict[str, int] = {}
+
+    def _source(self, split: str) -> str:
+        if self.path is None:
+            return f"builtin:preferences/{self.kind}/{split}"
+        return str(self.val_path if split == "val" and self.val_path else self.path)
+
+    def _load(self) -> dict[str, list[Record]]:
+        if self.path is None:
+            from llamalab.data.builtin import builtin_preferences
+
+            n = self.builtin_size
+            train = builtin_preferences(self.kind, "train", self.seed, n)
+            val = builtin_preferences(self.kind, "validation", self.seed)
+            return {
+                "train": [normalize_preference(dict(r)) for r in train],
+                "val": [normalize_preference(dict(r)) for r in val],
+            }
+        records = load_preference_records(self.path)
+        if self.val_path is not None:
+            return {"train": records, "val": load_preference_records(self.val_path)}
+        train_idx, val_idx = holdout_split(len(records), self.val_fraction, self.seed)
+        return {"train": [records[i] for i in train_idx], "val": [records[i] for i in val_idx]}
+
+    def records(self, split: str) -> list[Record]:
+        """The normalised records of "train" or "val"."""
+        self.setup()
+        return self._records[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, validate, split and encode once (idempotent)."""
+        if self.train_data is not None:
+            return
+        self._records = self._load()
+        data = {}
+        for split, records in self._records.items():
+            source = self._source(split)
+            data[split], self.dropped[split] = encode_preference_records(
+                self.tokenizer, records, self.max_len, source
+            )
+            log.info(
+                "%s pairs %s: %d kept, %d over max_len %d dropped",
+                self.kind,
+                source,
+                len(data[split]),
+                self.dropped[split],
+                self.max_len,
+            )
+        if not data["train"]:
+            raise DataError(f"no training pair fits max_len={self.max_len}", self._source("train"))
+        self.val_data, self.train_data = data["val"], data["train"]
+
+    def validate(self) -> dict[str, Any]:
+        """Check and encode everything now (before the stage builds a model); a summary."""
+        self.setup("fit")
+        assert self.train_data is not None
+        return {
+            "kind": self.kind,
+            "source": self._source("train"),
+            "pairs": {"train": len(self.train_data), "val": len(self.val_data)},
+            "dropped": dict(self.dropped),
+        }
+
+    def collate(self) -> Callable[[list[Any]], dict[str, torch.Tensor]]:
+        return PreferenceCollator(self.tokenizer.pad_id, self.padding_side)

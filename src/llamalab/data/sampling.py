@@ -1,0 +1,237 @@
+"""Data order for training: a seeded, sharded sampler that resumes mid-epoch, and the
+datamodule base that owns it (loaders, held-out split, checkpoint state).
+
+`ckpt_path=PATH` must resume an interrupted run where it stopped (DESIGN.md, command line).
+Lightning restores the loop counters but not the data order, so the datamodules keep this
+sampler's state: the epoch's permutation is a pure function of (seed, epoch), and on resume the
+first `consumed` indices of it are skipped.
+
+It subclasses `DistributedSampler` only so that Lightning leaves it alone under DDP/FSDP (it
+wraps any other sampler in its own `DistributedSamplerWrapper`, which would shard twice): the
+sampler shards itself, rank `rank` taking every `num_replicas`-th index of the padded
+permutation, like `DistributedSampler`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, DistributedSampler
+
+from llamalab.tokenizer import Tokenizer
+
+
+class ResumableRandomSampler(DistributedSampler):
+    """Indices `0..n-1` in a per-epoch seeded order, sharded over ranks, resumable.
+
+    Args:
+        n: dataset length.
+        seed: the permutation of epoch `e` is `randperm(n, generator=seed + e)`.
+        shuffle: False yields `0..n-1` in order (validation).
+        num_replicas, rank: data-parallel shards; each rank sees `ceil(n / num_replicas)`
+            indices (the permutation is padded by wrapping, as `DistributedSampler` does).
+    """
+
+    def __init__(
+        self, n: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        # DistributedSampler.__init__ is skipped on purpose: it needs a process group.
+        if n < 0 or num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"bad sampler arguments n={n}, num_replicas={num_replicas}, rank={rank}"
+            )
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = math.ceil(n / num_replicas) if n else 0
+        self.epoch = 0
+        self.consumed = 0  # indices of this rank already yielded in `epoch`
+        self._skip = 0  # indices to skip at the next __iter__ (set by load_state_dict)
+
+    def __len__(self) -> int:
+        """Indices per epoch for this rank (a resumed epoch yields fewer; Lightning stops at
+        the end of the iterator, and its restored batch counter accounts for the rest)."""
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch; a new epoch forgets what a resume skipped."""
+        if epoch != self.epoch:
+            self.epoch, self._skip, self.consumed = epoch, 0, 0
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's full index list for `epoch` (no skipping)."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.randperm(self.n, generator=generator).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.num_samples * self.num_replicas
+        if order and len(order) < total:  # pad by wrapping so every rank has the same length
+            order += (order * math.ceil(total / len(order)))[: total - len(order)]
+        return order[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.epoch_indices(self.epoch)
+        start, self._skip = self._skip, 0
+        self.consumed = start
+        for index in indices[start:]:
+            self.consumed += 1
+            yield index
+
+    def state_dict(self) -> dict[str, Any]:
+        """`{"seed", "epoch", "consumed"}`; `consumed` counts indices this rank has yielded in
+        `epoch` (with prefetching, the caller may know better: see `load_state_dict`)."""
+        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next `__iter__` of `state["epoch"]` skips `state["consumed"]` indices."""
+        if state["seed"] != self.seed:
+            raise ValueError(
+                f"sampler seed {self.seed} differs from the checkpoint's {state['seed']}"
+            )
+        self.epoch = int(state["epoch"])
+        self._skip = self.consumed = min(int(state["consumed"]), self.num_samples)
+
+
+def holdout_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of `range(n)` into (train, validation) index lists, each sorted.
+
+    `round(n * val_fraction)` records are held out, at least one when `val_fraction > 0` and
+    `n >= 2`, and never all of them.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+class TrainOrder:
+    """A datamodule's training sampler plus the state a checkpoint keeps to resume it.
+
+    Lightning prefetches a batch ahead, so the sampler's own count runs ahead of training; when
+    a trainer is attached the consumed count is taken from the fit loop's batch counter of the
+    current epoch instead (the batches whose step has run, which is also what Lightning counts
+    as done when it resumes).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.sampler: ResumableRandomSampler | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def sampler_for(self, n: int, trainer: Any = None) -> ResumableRandomSampler:
+        """The (one) training sampler over `n` items, sharded like `trainer`, resumed if a
+        checkpoint state was loaded."""
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        sampler = self.sampler
+        if sampler is None or (sampler.n, sampler.num_replicas, sampler.rank) != (
+            n,
+            replicas,
+            rank,
+        ):
+            sampler = self.sampler = ResumableRandomSampler(n, self.seed, True, replicas, rank)
+        if self._pending is not None:
+            sampler.load_state_dict(self._pending)
+            self._pending = None
+        return sampler
+
+    def state_dict(self, trainer: Any, batch_size: int) -> dict[str, Any]:
+        if self.sampler is None:
+            return dict(self._pending) if self._pending else {}
+        state = self.sampler.state_dict()
+        batches = _trainer_batches_this_epoch(trainer)
+        if batches is not None:
+            state["consumed"] = min(batches * batch_size, self.sampler.num_samples)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state)
+        else:
+            self._pending = dict(state)
+
+
+def _trainer_batches_this_epoch(trainer: Any) -> int | None:
+    """Training batches processed in the current epoch, or None outside `trainer.fit`."""
+    if trainer is None or getattr(trainer.state, "fn", None) != "fit":
+        return None
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
+class ResumableDataModule(LightningDataModule):
+    """What the SFT, preference and prompt datamodules share: the tokenizer, the loaders over
+    in-memory `train_data` / `val_data`, and the resumable training order.
+
+    Subclasses fill `train_data` and `val_data` in `setup` (idempotent) and give `collate()`,
+    a picklable batch builder (DataLoader workers may be spawned).
+    """
+
+    def __init__(
+        self,
+        tokenizer_path: str | None,
+        tokenizer: Tokenizer | None,
+        batch_size: int,
+        seed: int,
+        num_workers: int,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.tokenizer_path, self._tokenizer = tokenizer_path, tokenizer
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.train_data: list[Any] | None = None
+        self.val_data: list[Any] = []
+        self._order = TrainOrder(seed)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            if self.tokenizer_path is None:
+                raise ValueError(f"{type(self).__name__} needs tokenizer_path or tokenizer")
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def collate(self) -> Callable[[list[Any]], Any]:
+        raise NotImplementedError
+
+    def _shards(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        assert self.train_data is not None
+        sampler = self._order.sampler_for(len(self.train_data), self.trainer)
+        return self._loader(self.train_data, sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation in a fixed order (empty list = no validation)."""
+        self.setup("validate")
+        if not self.val_data:
+            return []
+        sampler = ResumableRandomSampler(len(self.val_data), self.seed, False, *self._shards())
+        return self._loader(self.val_data, sampler)
+
+    def _loader(self, data: list[Any], sampler: ResumableRandomSampler) -> DataLoader:
+        return DataLoader(
+            data,  # type: ignore[arg-type]
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate(),
+            num_workers=self.num_workers,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training order stands (Lightning keeps it in the checkpoint)."""
+        return {"train_order": self._order.state_dict(self.trainer, self.batch_size)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._order.load_state_dict(state_dict.get("train_order", {}))

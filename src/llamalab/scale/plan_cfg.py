@@ -1,0 +1,63 @@
+"""The memory plan from a composed Hydra config, and the check that this machine can run it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig
+
+from llamalab.model import LlamaConfig
+from llamalab.scale.plan import Plan, PlanError, make_plan
+
+
+def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str]) -> Plan:
+    stage = cfg.stage
+    micro_batch = int(cfg.data.get("batch_size", 1))
+    seq_len = int(cfg.data.get("seq_len") or cfg.data.get("max_len") or arch.max_seq_len)
+    if stage.name in ("ppo", "rejection_sampling"):
+        seq_len = int(cfg.data.get("max_prompt_len", 128)) + int(stage.max_new_tokens)
+        micro_batch = (
+            int(stage.get("mini_batch", micro_batch)) if stage.name == "ppo" else micro_batch
+        )
+    devices = cfg.trainer.get("devices", 1)
+    return make_plan(
+        arch,
+        stage=stage.name,
+        strategy=cfg.strategy.get("name", "auto"),
+        precision=str(cfg.trainer.get("precision", "32")),
+        devices=devices if isinstance(devices, int) and devices > 0 else 1,
+        num_nodes=int(cfg.trainer.get("num_nodes", 1) or 1),
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        activation_checkpointing=bool(stage.get("activation_checkpointing", False)),
+        gpu_memory_gb=float(cfg.plan.get("gpu_memory_gb", 80)),
+        rollout_batch=int(cfg.data.get("batch_size", 1)),
+        rollout_len=seq_len,
+        inputs=inputs,
+    )
+
+
+def machine_memory_bytes() -> tuple[str, int]:
+    """('gpu', bytes of device 0) on CUDA, else ('cpu', physical RAM)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "gpu", torch.cuda.get_device_properties(0).total_memory
+    return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_machine(plan: Plan, cfg: DictConfig) -> None:
+    """Stop before any allocation when the plan cannot fit this machine's memory."""
+    kind, available = machine_memory_bytes()
+    needed: Any = plan.total_bytes_per_gpu
+    if kind == "cpu":
+        # CPU processes: every local rank lives in the same RAM.
+        devices = cfg.trainer.get("devices", 1)
+        needed = needed * (devices if isinstance(devices, int) and devices > 0 else 1)
+    if needed > available:
+        raise PlanError(
+            f"{plan.render()}\nthis {kind} machine has {available / 2**30:.1f} GiB; the plan "
+            f"needs {needed / 2**30:.1f} GiB: it cannot run here (use more devices, a sharded "
+            "strategy, activation checkpointing or a smaller model; dry_run=true prints the plan)"
+        )

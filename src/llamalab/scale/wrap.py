@@ -1,0 +1,47 @@
+"""Wrappers applied to a built model from outside (the model file has no such code).
+
+Both keep parameter names unchanged, so checkpoints and exports are unaffected.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise TypeError(f"{type(model).__name__} has no transformer `layers` to wrap")
+    return list(layers)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (memory for compute: about
+    one extra forward; the plan's activation figures with ``activation_checkpointing``)."""
+    for block in transformer_blocks(model):
+        if getattr(block, "_llamalab_checkpointed", False):
+            continue
+        forward = block.forward
+
+        @functools.wraps(forward)
+        def checkpointed(*args, _forward=forward, **kwargs):  # type: ignore[no-untyped-def]
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed  # type: ignore[method-assign]
+        block._llamalab_checkpointed = True  # type: ignore[assignment]
+
+
+def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
+    """``torch.compile`` each transformer block in place (``nn.Module.compile`` keeps names).
+
+    Blocks compile once and are reused for every layer of the same shapes; the compiled code is
+    cached under ``TORCHINDUCTOR_CACHE_DIR`` between runs.
+    """
+    for block in transformer_blocks(model):
+        block.compile(mode=mode, dynamic=False)

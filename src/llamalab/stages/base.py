@@ -1,0 +1,239 @@
+"""What every stage shares: building the model in ``configure_model``, loading ``init`` weights,
+AdamW + warmup/cosine schedule, per-step throughput/MFU logging, non-finite guards, the
+checkpoint contract and the Hugging Face export.
+
+A stage subclass says which head it trains (``head = "lm"`` or ``"scalar"``) and implements
+``training_step`` / ``validation_step``; everything else lives here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from llamalab.model import Llama, LlamaConfig, LlamaScalar
+from llamalab.optim import build_adamw, param_groups, warmup_cosine_scheduler
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient norm: the run stops, naming the step and the last checkpoint."""
+
+
+class LlamaStage(L.LightningModule):
+    """Base LightningModule of every stage.
+
+    Args:
+        arch: the architecture (``LlamaConfig`` fields), already resolved by the entry point
+            (from the checkpoint in ``init``, or the model size with the tokenizer's vocabulary).
+        optim: optimizer/schedule settings (``lr, betas, eps, weight_decay, warmup_steps,
+            min_lr_ratio, schedule, fused``).
+        init: weights to start from (HF / Meta directory, ``.ckpt``, a run directory) or None.
+        tokenizer_path: the SentencePiece model exported next to the weights.
+        activation_checkpointing: recompute each block in the backward pass.
+        compile: ``torch.compile`` each transformer block.
+        nonfinite: ``stop`` (raise with the step and last checkpoint) or ``skip`` (zero the
+            update of that batch and count it as ``train/skipped_batches``).
+    """
+
+    head = "lm"
+
+    def __init__(
+        self,
+        arch: dict[str, Any],
+        optim: dict[str, Any],
+        init: str | None = None,
+        tokenizer_path: str | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        nonfinite: str = "stop",
+        name: str = "stage",
+        run_name: str | None = None,
+        **unused: Any,
+    ) -> None:
+        super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"stage.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.save_hyperparameters(ignore=["unused"])
+        self.arch = LlamaConfig.from_dict(dict(arch))
+        self.optim_cfg = dict(optim)
+        self.init_path = init
+        self.tokenizer_path = tokenizer_path
+        self.stage_name = name
+        self.model: nn.Module | None = None
+        self.skipped_batches = 0
+        self._step_t0: float | None = None
+        self._peak_flops: float | None = None
+        self.tokens_seen = 0
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        cls = Llama if self.head == "lm" else LlamaScalar
+        model = cls(self.arch)
+        if not any(p.is_meta for p in model.parameters()):
+            model.init_weights()
+        return model
+
+    def load_init(self, model: nn.Module) -> None:
+        """Copy ``init`` weights into ``model`` (an LM checkpoint into a scalar model keeps all
+        but the head)."""
+        if not self.init_path:
+            return
+        from llamalab.checkpoint import load_backbone_into, load_model, load_state_into
+
+        source = load_model(self.init_path)
+        state = source.state_dict()
+        if isinstance(model, LlamaScalar) and not isinstance(source, LlamaScalar):
+            load_backbone_into(model, state, source=self.init_path)
+        else:
+            load_state_into(model, state, source=self.init_path)
+
+    def configure_model(self) -> None:
+        """Build the model once (Lightning may call this more than once)."""
+        if self.model is not None:
+            return
+        model = self.build_model()
+        self.load_init(model)
+        self.model = self.wrap_model(model)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Activation checkpointing and compile, applied from outside the model file."""
+        from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks
+
+        if self.hparams.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if self.hparams.compile:
+            compile_blocks(model)
+        return model
+
+    # ------------------------------------------------------------------ optimisation
+    def total_steps(self) -> int:
+        steps = self.trainer.estimated_stepping_batches
+        return int(steps) if math.isfinite(steps) else 1
+
+    def warmup_steps(self, total: int) -> int:
+        o = self.optim_cfg
+        if "warmup_ratio" in o:  # reward models: 3% of steps, at least 5 (PAPER.md §3.2.2)
+            return min(total, max(int(o.get("min_warmup_steps", 0)), round(o["warmup_ratio"] * total)))
+        return int(o.get("warmup_steps", 0))
+
+    def configure_optimizers(self) -> Any:
+        assert self.model is not None
+        o = self.optim_cfg
+        optimizer = build_adamw(
+            param_groups(self.model.named_parameters(), o["weight_decay"]),
+            lr=o["lr"],
+            betas=tuple(o.get("betas", (0.9, 0.95))),
+            eps=o.get("eps", 1e-5),
+            fused=o.get("fused"),
+        )
+        total = self.total_steps()
+        scheduler = warmup_cosine_scheduler(
+            optimizer,
+            self.warmup_steps(total),
+            total,
+            o.get("min_lr_ratio", 0.1),
+            o.get("schedule", "cosine"),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ guards and logging
+    def check_finite(self, value: torch.Tensor, what: str) -> bool:
+        """True when finite. Otherwise raise (``nonfinite=stop``) or return False (``skip``)."""
+        if torch.isfinite(value).all():
+            return True
+        if self.hparams.nonfinite == "skip":
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return False
+        last = self.last_checkpoint()
+        raise NonFiniteError(
+            f"non-finite {what} ({value.item()}) at step {self.global_step} of stage "
+            f"'{self.stage_name}'. Last good checkpoint: {last or 'none saved yet'}"
+            + (f" (resume with ckpt_path={last})" if last else "")
+        )
+
+    def last_checkpoint(self) -> str | None:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return None
+        cb = trainer.checkpoint_callback
+        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
+        return path or None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the gradient norm (before clipping) and refuse a non-finite one."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if not self.check_finite(norm, "gradient norm"):
+            for g in grads:
+                g.zero_()
+
+    def peak_flops(self) -> float | None:
+        if self._peak_flops is None:
+            try:
+                from llamalab.perf import peak_flops_for
+
+                self._peak_flops = peak_flops_for(self.device, self.dtype_for_peak())
+            except Exception:  # noqa: BLE001 - MFU is informative only
+                self._peak_flops = float("nan")
+        return self._peak_flops
+
+    def dtype_for_peak(self) -> torch.dtype:
+        precision = str(getattr(self.trainer, "precision", "32"))
+        return torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+
+    def log_throughput(self, tokens: int, flops_per_token: float | None = None) -> None:
+        """tokens/s, tokens seen and MFU for this optimizer step (all ranks together)."""
+        now = time.perf_counter()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.tokens_seen += tokens * world
+        self.log("train/tokens_seen", float(self.tokens_seen), on_step=True, on_epoch=False)
+        if self._step_t0 is not None:
+            tps = tokens * world / max(now - self._step_t0, 1e-9)
+            self.log("train/tokens_per_s", tps, on_step=True, on_epoch=False, prog_bar=True)
+            if flops_per_token:
+                peak = self.peak_flops()
+                if peak and math.isfinite(peak):
+                    self.log("train/mfu", tps / world * flops_per_token / peak, on_step=True)
+        self._step_t0 = now
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["llamalab"] = {
+            "model_config": self.arch.to_dict(),
+            "head": self.head,
+            "prefix": "model.",
+            "stage": self.stage_name,
+            "tokens_seen": self.tokens_seen,
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("llamalab", {})
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self.skipped_batches = int(meta.get("skipped_batches", 0))
+
+    def export_model(self) -> nn.Module:
+        """The model to export (PPO exports its actor)."""
+        assert self.model is not None
+        return self.model
+
+    def export(self, path: str | Path) -> Path:
+        """Write the Hugging Face directory (config.json + safetensors + tokenizer)."""
+        from llamalab.checkpoint import save_hf
+        from llamalab.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
+        model = self.export_model()
+        model = getattr(model, "_orig_mod", model)
+        save_hf(model, tokenizer, path)
+        return Path(path)

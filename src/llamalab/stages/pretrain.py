@@ -1,0 +1,74 @@
+"""Pretraining stage: next-token loss on packed windows (PAPER.md §2.2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric
+
+from llamalab.rlhf.losses import lm_loss
+from llamalab.stages.base import LlamaStage
+
+
+class LanguageModelStage(LlamaStage):
+    """Next-token loss on LM batches (``input_ids``, ``labels``, optional packing fields).
+
+    Shared by pretraining and SFT: SFT batches carry ``-100`` labels on prompt tokens and
+    ``segment_ids``/``position_ids`` when samples are packed.
+    """
+
+    head = "lm"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.val_loss = MeanMetric()
+
+    def forward_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        assert self.model is not None
+        return self.model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
+        )
+
+    def flops_per_token(self, seq_len: int) -> float | None:
+        try:
+            from llamalab.perf import flops_per_token
+        except ImportError:
+            return None
+        return flops_per_token(self.arch, seq_len, training=True)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        logits = self.forward_batch(batch)
+        loss = lm_loss(logits, batch["labels"])
+        if not self.check_finite(loss.detach(), "loss"):
+            return None  # Lightning skips the optimizer step for this batch
+        n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        self.log("train/target_tokens", float(n_tokens), on_step=True, on_epoch=False)
+        self.log_throughput(batch["input_ids"].numel(), self.flops_per_token(batch["input_ids"].shape[1]))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.forward_batch(batch)
+        n_tokens = (batch["labels"][:, 1:] != -100).sum()
+        loss = lm_loss(logits, batch["labels"])
+        self.val_loss.update(loss, weight=n_tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        # Perplexity = exp(mean token loss), token-weighted over the whole validation set.
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=False)
+
+
+class PretrainStage(LanguageModelStage):
+    """Pretraining: the model starts from random weights (or ``init``) and learns the corpus."""
+
+    def __init__(self, *args: Any, batch_tokens: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_tokens = batch_tokens

@@ -1,0 +1,368 @@
+"""PPO maths (PAPER.md §3.2.3): reward combination, KL, GAE, whitening, clipped losses, controllers.
+
+Expected values are worked out by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from llamalab.rlhf import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
+    combined_reward,
+    default_kl_coef,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_penalty,
+    logit,
+    logprobs_from_logits,
+    masked_mean,
+    paper_reward,
+    policy_loss,
+    sequence_rewards_to_token_rewards,
+    truncation_penalty,
+    value_loss,
+    whiten,
+)
+
+LN2 = math.log(2.0)
+
+
+# ---------------------------------------------------------------- combined reward (§3.2.3)
+
+
+def test_combined_reward_picks_helpful_unless_safety_prompt_or_unsafe() -> None:
+    helpful = torch.tensor([2.0, 2.0, 2.0])
+    safety = torch.tensor([0.0, 0.0, -3.0])  # sigmoid: 0.5, 0.5, 0.047 (< 0.15)
+    is_safety = torch.tensor([False, True, False])
+    rc, used_safety = combined_reward(helpful, safety, is_safety)
+    torch.testing.assert_close(rc, torch.sigmoid(torch.tensor([2.0, 0.0, -3.0])))
+    assert used_safety.tolist() == [False, True, True]
+
+
+def test_combined_reward_threshold_is_strict_at_0_15() -> None:
+    at = torch.logit(torch.tensor(0.15))  # float32 raw score whose sigmoid is float32(0.15)
+    assert torch.sigmoid(at).item() == torch.tensor(0.15).item()
+    below = torch.nextafter(at, torch.tensor(-10.0))  # sigmoid just under 0.15
+    above = torch.nextafter(at, torch.tensor(10.0))
+    safety = torch.stack([below, at, above, above])
+    helpful = torch.full((4,), 1.0)
+    is_safety = torch.tensor([False, False, False, True])
+    rc, used_safety = combined_reward(helpful, safety, is_safety)
+    # below: unsafe -> safety; exactly 0.15 and above: helpful; safety prompt: safety regardless
+    assert used_safety.tolist() == [True, False, False, True]
+    torch.testing.assert_close(rc[1:3], torch.sigmoid(torch.tensor([1.0, 1.0])))
+    assert rc[0].item() < 0.15 <= rc[3].item()
+
+
+def test_logit_inverts_sigmoid_and_clamps() -> None:
+    raw = torch.tensor([-4.0, 0.0, 3.0])
+    torch.testing.assert_close(logit(torch.sigmoid(raw)), raw, atol=1e-4, rtol=1e-4)
+    saturated = logit(torch.tensor([0.0, 1.0]))
+    assert torch.isfinite(saturated).all()
+    # log((1 - 1e-6) / 1e-6) = 13.8155...
+    torch.testing.assert_close(saturated, torch.tensor([-13.8155, 13.8155]), atol=1e-3, rtol=0)
+
+
+def test_paper_reward_is_whitened_logit_of_rc() -> None:
+    helpful = torch.tensor([1.0, 2.0, 3.0])
+    safety = torch.full((3,), 5.0)  # safe: helpful decides
+    is_safety = torch.zeros(3, dtype=torch.bool)
+    # LOGIT(Rc) = [1, 2, 3]: mean 2, unbiased variance (1 + 0 + 1) / 2 = 1 -> [-1, 0, 1]
+    torch.testing.assert_close(
+        paper_reward(helpful, safety, is_safety), torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4, rtol=0
+    )
+
+
+def test_paper_reward_with_running_moments_accumulates() -> None:
+    stats = RunningMoments()
+    safety, is_safety = torch.full((3,), 5.0), torch.zeros(3, dtype=torch.bool)
+    first = paper_reward(torch.tensor([1.0, 2.0, 3.0]), safety, is_safety, whiten_stats=stats)
+    torch.testing.assert_close(first, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-4, rtol=0)
+    second = paper_reward(torch.tensor([4.0, 5.0, 6.0]), safety, is_safety, whiten_stats=stats)
+    # Over 1..6: mean 3.5, unbiased variance 17.5 / 5 = 3.5
+    expected = (torch.tensor([4.0, 5.0, 6.0]) - 3.5) / math.sqrt(3.5)
+    torch.testing.assert_close(second, expected, atol=1e-4, rtol=0)
+    assert stats.count == 6
+
+
+def test_truncation_penalty() -> None:
+    score = torch.tensor([1.0, 1.0, -2.0])
+    out = truncation_penalty(score, torch.tensor([True, False, False]), penalty=0.5)
+    torch.testing.assert_close(out, torch.tensor([1.0, 0.5, -2.5]))
+
+
+def test_sequence_rewards_to_token_rewards() -> None:
+    score = torch.tensor([1.0, 2.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 0.5, 0.5]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards = sequence_rewards_to_token_rewards(score, kl, mask, kl_coef=0.1)
+    # -0.1 * kl at real tokens, the score added at the last real token, 0 on padding
+    expected = torch.tensor([[-0.01, -0.02, -0.03 + 1.0], [-0.05 + 2.0, 0.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+    with pytest.raises(ValueError, match="empty"):
+        sequence_rewards_to_token_rewards(score, kl, torch.tensor([[1, 0, 0], [0, 0, 0]]), 0.1)
+
+
+# ---------------------------------------------------------------- KL
+
+
+def test_kl_estimators_on_known_distributions() -> None:
+    # Policy q = [1/2, 1/4, 1/4], reference p = [1/4, 1/2, 1/4] over three tokens.
+    # log q/p = [ln 2, -ln 2, 0]; KL(q || p) = 1/2 ln 2 - 1/4 ln 2 = ln 2 / 4.
+    q = torch.tensor([0.5, 0.25, 0.25])
+    p = torch.tensor([0.25, 0.5, 0.25])
+    true_kl = LN2 / 4
+
+    def expectation(kind: str) -> float:  # exact E_q[estimator], no sampling
+        return float((q * kl_penalty(q.log(), p.log(), kind)).sum())
+
+    assert expectation("k1") == pytest.approx(true_kl, rel=1e-6)
+    # k3: e^-x - 1 + x -> (ln2 - 1/2) / 2 + (1 - ln2) / 4 = ln 2 / 4: unbiased too
+    assert expectation("k3") == pytest.approx(true_kl, rel=1e-6)
+    assert expectation("k2") == pytest.approx(0.375 * LN2**2, rel=1e-6)  # (1/2 + 1/4) * ln2^2 / 2
+    assert expectation("abs") == pytest.approx(0.75 * LN2, rel=1e-6)
+    # per token: k1 is signed, k2 and k3 are not
+    torch.testing.assert_close(kl_penalty(q.log(), p.log()), torch.tensor([LN2, -LN2, 0.0]))
+    assert (kl_penalty(q.log(), p.log(), "k3") >= 0).all()
+    with pytest.raises(ValueError, match="k4"):
+        kl_penalty(q, p, "k4")
+
+
+def test_default_kl_coef_follows_the_paper() -> None:
+    assert default_kl_coef(6.7e9) == 0.01
+    assert default_kl_coef(13.0e9) == 0.01
+    assert default_kl_coef(33.7e9) == 0.005
+    assert default_kl_coef(69e9) == 0.005
+
+
+def test_fixed_kl_controller_never_moves_and_round_trips() -> None:
+    ctl = FixedKLController(0.01)
+    ctl.update(100.0, 512)
+    assert ctl.value == 0.01
+    other = FixedKLController(0.5)
+    other.load_state_dict(ctl.state_dict())
+    assert other.value == 0.01
+
+
+def test_adaptive_kl_controller_moves_towards_target() -> None:
+    # target 6, horizon 10000, batch 512: error clipped to +-0.2 -> factor 1 +- 0.2 * 0.0512
+    up = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    up.update(current_kl=12.0, n_steps=512)  # KL too high -> beta up
+    assert up.value == pytest.approx(0.1 * 1.01024)
+    down = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    down.update(current_kl=3.0, n_steps=512)  # KL too low -> beta down
+    assert down.value == pytest.approx(0.1 * (1 - 0.01024))
+    small = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    small.update(current_kl=6.6, n_steps=512)  # error 0.1, not clipped
+    assert small.value == pytest.approx(0.1 * 1.00512)
+    resumed = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    resumed.load_state_dict(up.state_dict())
+    assert resumed.value == up.value
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.1, target=0.0, horizon=10000)
+
+
+# ---------------------------------------------------------------- GAE
+
+
+def test_gae_four_tokens_gamma_1_by_hand() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 0.8]])
+    mask = torch.ones(1, 4)
+    # gamma 1, lam 0.95; deltas: t3 = 1 + 0 - 0.8 = 0.2, t2 = 0.8 - 0.7 = 0.1, t1 = t0 = 0.1
+    # A3 = 0.2; A2 = 0.1 + 0.95 * 0.2 = 0.29; A1 = 0.1 + 0.95 * 0.29 = 0.3755
+    # A0 = 0.1 + 0.95 * 0.3755 = 0.456725; returns = A + V
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    torch.testing.assert_close(advantages, torch.tensor([[0.456725, 0.3755, 0.29, 0.2]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.956725, 0.9755, 0.99, 1.0]]))
+
+
+def test_gae_discounted_by_hand() -> None:
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    # gamma 0.9, lam 0.8 (gamma * lam = 0.72)
+    # t2: delta = 2 - 1.5 = 0.5 -> A2 = 0.5
+    # t1: delta = 0 + 0.9 * 1.5 - 1.0 = 0.35 -> A1 = 0.35 + 0.72 * 0.5 = 0.71
+    # t0: delta = 1 + 0.9 * 1.0 - 0.5 = 1.4 -> A0 = 1.4 + 0.72 * 0.71 = 1.9112
+    advantages, returns = gae(rewards, values, torch.ones(1, 3), gamma=0.9, lam=0.8)
+    torch.testing.assert_close(advantages, torch.tensor([[1.9112, 0.71, 0.5]]))
+    torch.testing.assert_close(returns, torch.tensor([[2.4112, 1.71, 2.0]]))
+
+
+def test_gae_padding_after_eos_and_batching() -> None:
+    # Row 1 ends after two tokens; the junk in its padding must not leak in.
+    # t1: delta = 1 + 0 (value after the last real token) - 2 = -1 -> A1 = -1
+    # t0: delta = 0.5 + 2 - 1 = 1.5 -> A0 = 1.5 + 0.95 * -1 = 0.55
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.5, 1.0, 9.0, 9.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 0.8], [1.0, 2.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    advantages, returns = gae(rewards, values, mask)
+    torch.testing.assert_close(advantages[1], torch.tensor([0.55, -1.0, 0.0, 0.0]))
+    torch.testing.assert_close(returns[1], torch.tensor([1.55, 1.0, 0.0, 0.0]))
+    alone, _ = gae(rewards[:1], values[:1], mask[:1])
+    torch.testing.assert_close(advantages[:1], alone)
+
+
+def test_gae_with_lambda_1_gives_reward_to_go() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(2, 5, generator=gen)
+    values = torch.randn(2, 5, generator=gen, requires_grad=True)
+    _, returns = gae(rewards, values, torch.ones(2, 5), gamma=1.0, lam=1.0)
+    reward_to_go = rewards.flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(returns, reward_to_go)
+    assert not returns.requires_grad  # targets carry no gradient
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def test_masked_mean_over_all_and_along_a_dim() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert masked_mean(x, mask).item() == pytest.approx(7 / 3)
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.5, 4.0]))
+    assert masked_mean(x, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_whiten_unmasked_and_masked() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # mean 2.5, unbiased variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
+    torch.testing.assert_close(whiten(x), (x - 2.5) / math.sqrt(5 / 3))
+    y = torch.tensor([1.0, 2.0, 3.0, 100.0])
+    mask = torch.tensor([1, 1, 1, 0])
+    # counted [1, 2, 3]: mean 2, unbiased variance 1; padding set to 0
+    torch.testing.assert_close(whiten(y, mask), torch.tensor([-1.0, 0.0, 1.0, 0.0]))
+    torch.testing.assert_close(
+        whiten(y, mask, shift_mean=False), torch.tensor([1.0, 2.0, 3.0, 0.0])
+    )
+    assert whiten(torch.tensor([5.0])).item() == 0.0  # one value: no NaN
+
+
+def test_explained_variance() -> None:
+    returns = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    constant = torch.full_like(returns, 2.0)  # predicts the mean only
+    assert explained_variance(constant, returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_running_moments_match_numpy_and_split_does_not_matter() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=gen, dtype=torch.float64) * 3 + 1 for n in (5, 1, 17)]
+    everything = torch.cat(batches).numpy()
+    stats = RunningMoments()
+    for batch in batches:
+        stats.update(batch)
+    assert stats.count == everything.size
+    assert stats.mean == pytest.approx(np.mean(everything), rel=1e-12)
+    assert stats.var == pytest.approx(np.var(everything, ddof=1), rel=1e-12)
+    assert stats.std == pytest.approx(np.std(everything, ddof=1), rel=1e-12)
+    once = RunningMoments()
+    once.update(torch.cat(batches))
+    assert once.mean == pytest.approx(stats.mean, rel=1e-12)
+    assert once.var == pytest.approx(stats.var, rel=1e-12)
+
+
+def test_running_moments_state_round_trip_is_exact() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(8, generator=gen) for _ in range(3))
+    original = RunningMoments()
+    original.update(a)
+    original.update(b)
+    resumed = RunningMoments()
+    resumed.load_state_dict(original.state_dict())
+    original.update(c)
+    resumed.update(c)
+    assert resumed.state_dict() == original.state_dict()  # bit-exact, not approx
+    torch.testing.assert_close(resumed.whiten(c), original.whiten(c), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- policy and value losses
+
+
+def test_policy_loss_unclipped() -> None:
+    logprobs = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    old = logprobs.detach().clone()
+    advantages = torch.tensor([[1.0, -1.0]])
+    loss, stats = policy_loss(logprobs, old, advantages, torch.ones(1, 2))
+    # ratio 1 everywhere: loss = mean(-1 * 1, 1 * 1) = 0, nothing clipped
+    assert loss.item() == pytest.approx(0.0)
+    assert stats["clipfrac"].item() == 0.0
+    assert stats["approx_kl"].item() == pytest.approx(0.0)
+    loss.backward()
+    assert logprobs.grad is not None
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.5, 0.5]]))  # -A * ratio / 2
+
+
+def test_policy_loss_clip_active_and_inactive() -> None:
+    ratios = torch.tensor([[1.5, 0.5, 0.5]])
+    logprobs = ratios.log().requires_grad_()
+    old = torch.zeros(1, 3)
+    advantages = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, stats = policy_loss(logprobs, old, advantages, torch.ones(1, 3), clip=0.2)
+    # token 0: A=+1, ratio 1.5: max(-1.5, -1.2) = -1.2 (clipped, no gradient)
+    # token 1: A=+1, ratio 0.5: max(-0.5, -0.8) = -0.5 (unclipped: clipping never helps)
+    # token 2: A=-1, ratio 0.5: max(0.5, 0.8) = 0.8 (clipped, no gradient)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8) / 3, rel=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    # approx_kl: (r - 1) - ln r -> 0.5 - ln 1.5, and -0.5 + ln 2 twice
+    expected_kl = ((0.5 - math.log(1.5)) + 2 * (-0.5 + LN2)) / 3
+    assert stats["approx_kl"].item() == pytest.approx(expected_kl, rel=1e-5)
+    loss.backward()
+    assert logprobs.grad is not None
+    # d/dlogp of -A * ratio / 3 at token 1 = -ratio / 3 = -1/6
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -1 / 6, 0.0]]))
+
+
+def test_policy_loss_ignores_padding() -> None:
+    logprobs = torch.tensor([[0.0, 3.0]])
+    advantages = torch.tensor([[2.0, 100.0]])
+    loss, stats = policy_loss(logprobs, torch.zeros(1, 2), advantages, torch.tensor([[1, 0]]))
+    assert loss.item() == pytest.approx(-2.0)
+    assert stats["clipfrac"].item() == 0.0
+
+
+def test_value_loss_clipping() -> None:
+    values = torch.tensor([[1.1, 1.5, 0.5, 7.0]], requires_grad=True)
+    old = torch.ones(1, 4)
+    returns = torch.full((1, 4), 2.0)
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, clipfrac = value_loss(values, old, returns, mask, clip=0.2)
+    # 1.1: inside the clip, (1.1 - 2)^2 = 0.81 both ways
+    # 1.5: unclipped 0.25, clipped to 1.2 -> 0.64; the max 0.64 is the clipped one
+    # 0.5: unclipped 2.25, clipped to 0.8 -> 1.44; the max 2.25 is the unclipped one
+    assert loss.item() == pytest.approx(0.5 * (0.81 + 0.64 + 2.25) / 3, rel=1e-6)
+    assert clipfrac.item() == pytest.approx(1 / 3)
+    loss.backward()
+    assert values.grad is not None
+    # 0.5 * 2 * (v - R) / 3 where unclipped: token 0 -> -0.3, token 2 -> -0.5; clipped -> 0
+    torch.testing.assert_close(values.grad, torch.tensor([[-0.3, 0.0, -0.5, 0.0]]))
+
+
+# ---------------------------------------------------------------- logits
+
+
+def test_logprobs_from_logits_matches_log_softmax() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 7, generator=gen)
+    tokens = torch.randint(0, 7, (2, 4), generator=gen)
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs_from_logits(logits, tokens), expected)
+    assert logprobs_from_logits(logits.bfloat16(), tokens).dtype == torch.float32
+    # softmax([0, ln 3]) = [1/4, 3/4]
+    two = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert logprobs_from_logits(two, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
+
+
+def test_entropy_from_logits() -> None:
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf]]])
+    # uniform over 4 -> ln 4; all mass on one token -> 0 (no NaN from 0 * -inf)
+    torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[math.log(4.0), 0.0]]))
