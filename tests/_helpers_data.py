@@ -41,7 +41,8 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    keys = list(dict.fromkeys(key for row in rows for key in row))  # union, first-seen order
+    pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in rows]), path)
     return path
 
 

@@ -301,6 +301,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer_overrides["max_epochs"] = int(cfg.stage.get("epochs", 1))
     if not module.automatic_optimization:
         trainer_overrides.update(gradient_clip_val=None, accumulate_grad_batches=1)
+    if hasattr(module, "trainer_overrides"):  # e.g. PPO: max_steps from its iterations
+        trainer_overrides.update(module.trainer_overrides(cfg.trainer))
     trainer = instantiate(cfg.trainer, **trainer_overrides, _convert_="all")
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

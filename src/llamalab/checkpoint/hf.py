@@ -341,4 +341,4 @@ def load_hf(
     except (ConfigError, KeyError) as err:
         raise CheckpointError(f"{config_file}: {err}") from err
     state = read_hf_state(root)
-    return build_from_state(config, head, state, f"Hugging Face checkpoint {root}", device, dtype)
+    return build_from_state(config, head, state, str(root), device, dtype)

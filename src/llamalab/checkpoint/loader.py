@@ -94,7 +94,7 @@ def load_lightning(
     checkpoint = _torch_load(Path(path))
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: a checkpoint file should hold a dict")
-    return model_from_training_checkpoint(checkpoint, f"Lightning checkpoint {path}", device, dtype)
+    return model_from_training_checkpoint(checkpoint, str(path), device, dtype)
 
 
 def is_deepspeed_dir(path: Path) -> bool:
@@ -127,7 +127,7 @@ def load_deepspeed(
         LLAMALAB_KEY: client.get(LLAMALAB_KEY),
         "state_dict": get_fp32_state_dict_from_zero_checkpoint(str(root)),
     }
-    return model_from_training_checkpoint(checkpoint, f"DeepSpeed checkpoint {root}", device, dtype)
+    return model_from_training_checkpoint(checkpoint, str(root), device, dtype)
 
 
 def load_distributed(
@@ -159,9 +159,7 @@ def load_distributed(
         no_dist=True,
     )
     checkpoint["state_dict"] = loaded.get("state_dict")
-    return model_from_training_checkpoint(
-        checkpoint, f"distributed checkpoint {root}", device, dtype
-    )
+    return model_from_training_checkpoint(checkpoint, str(root), device, dtype)
 
 
 def load_model(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import numpy as np
@@ -253,21 +253,22 @@ class PretrainDataModule(L.LightningDataModule):
         sampler = ResumableSampler(
             len(self.train_set), num_replicas=world_size, rank=rank, seed=self.seed
         )
-        if self._resume:
-            if (self._resume.get("seed"), self._resume.get("n_windows")) == (
-                self.seed,
-                len(self.train_set),
-            ):
-                sampler.resume_epoch = self._resume["epoch"]
-                sampler.skip_samples = self._resume["samples_consumed"]
-            else:
-                warnings.warn(
-                    "the checkpoint's data state was saved for other data or another seed: "
-                    "the interrupted epoch restarts from its beginning",
-                    stacklevel=2,
-                )
-            self._resume = {}
+        self._apply_resume(sampler)
         return self._loader(self.train_set, ResumableDataLoader, sampler=sampler, drop_last=True)
+
+    def _apply_resume(self, sampler: ResumableSampler) -> None:
+        """Hand a checkpoint's data position (``load_state_dict``) to the sampler, once."""
+        state, self._resume = self._resume, {}
+        if not state:
+            return
+        if (state.get("seed"), state.get("n_windows")) != (self.seed, sampler.n_items):
+            warnings.warn(
+                "the checkpoint's data state was saved for other data or another seed: "
+                "the interrupted epoch restarts from its beginning",
+                stacklevel=3,
+            )
+            return
+        sampler.resume_epoch, sampler.skip_samples = state["epoch"], state["samples_consumed"]
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"

@@ -15,6 +15,8 @@ import functools
 import importlib
 import inspect
 import io
+import json
+import subprocess
 import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -34,6 +36,8 @@ _SKIP_PREFIXES = (
     "venv",
     "__main__",
     "__phello__",
+    "typing.io",
+    "typing.re",
     "_",
     "pydoc_data",
     "distutils",
@@ -107,8 +111,23 @@ def _clean(doc: str | None) -> str | None:
 def stdlib_entries() -> tuple[DocEntry, ...]:
     """All documented modules, functions, classes and methods of the standard library.
 
-    Deterministic for a given Python version (sorted by name). Takes about a second.
+    Deterministic for a given Python version (sorted by name). Collected in a fresh, isolated
+    interpreter (``-I -S``: no site-packages), because third-party packages imported in this
+    process patch stdlib objects (``logging.Logger.warning_once``...) and would change the set.
+    Takes about a second.
     """
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-W", "ignore", __file__],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    return tuple(DocEntry(**e) for e in json.loads(out))
+
+
+def _collect_entries() -> tuple[DocEntry, ...]:
+    """The collection itself (run by ``stdlib_entries`` in a clean interpreter)."""
     entries: dict[str, DocEntry] = {}
     sink = io.StringIO()
     for mod_name in _module_names():
@@ -138,6 +157,8 @@ def stdlib_entries() -> tuple[DocEntry, ...]:
                 for meth_name, meth in sorted(vars(obj).items()):
                     if meth_name.startswith("_") or not callable(meth):
                         continue
+                    if getattr(meth, "__module__", mod_name) not in (mod_name, None):
+                        continue
                     mdoc = _clean(getattr(meth, "__doc__", None))
                     if mdoc:
                         entries[f"{qual}.{meth_name}"] = DocEntry(f"{qual}.{meth_name}", "method", mdoc)
@@ -155,3 +176,7 @@ def pydoc_topics() -> tuple[DocEntry, ...]:
 def all_documents() -> list[str]:
     """Every document (topic texts first, then docstrings), for the pretraining corpus."""
     return [e.doc for e in pydoc_topics()] + [e.doc for e in stdlib_entries()]
+
+
+if __name__ == "__main__":
+    json.dump([e.__dict__ for e in _collect_entries()], sys.stdout)

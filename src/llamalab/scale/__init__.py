@@ -1,5 +1,5 @@
-"""Scale: memory planning (``plan``), applied from outside the model. Plain Python: importing
-this package pulls in no torch, Lightning or DeepSpeed."""
+"""Scale: memory planning (``plan``), applied from outside the model. Plain arithmetic: it builds
+no model and imports no Lightning, Hydra or DeepSpeed."""
 
 from llamalab.scale.plan import (
     STAGES,

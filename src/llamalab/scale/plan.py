@@ -394,7 +394,7 @@ class ActivationBytes:
     per_layer: int  # one transformer block
     block_input: int  # one block's input, all a checkpointed block keeps
     outside: int  # embedding indices, RoPE tables, final norm
-    head: int  # LM: float32 logits + float32 log-softmax; scalar: float32 values
+    head: int  # LM: float32 logits, log-softmax, int64 targets; scalar: float32 values
 
     @property
     def full(self) -> int:
@@ -448,7 +448,8 @@ def activation_breakdown(
     )
     rope = 2 * r * config.head_dim  # cos and sin gathered at the positions (shared by layers)
     outside = 8 + rope + _norm_bytes(h, r, 1, numerics_)  # + int64 token ids of the embedding
-    head_bytes = 8 * config.vocab_size if head == "lm" else 4
+    # LM: float32 logits + float32 log-softmax (kept by cross-entropy) + int64 targets.
+    head_bytes = 8 * config.vocab_size + 8 if head == "lm" else 4
     tokens = micro_batch * seq_len
     return ActivationBytes(
         config.n_layers, tokens * layer, tokens * r * h, tokens * outside, tokens * head_bytes
@@ -554,6 +555,10 @@ class Plan:
         return "\n".join(_render_lines(self))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _gib(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.2f}"
 
@@ -563,8 +568,9 @@ def _render_lines(plan: Plan) -> list[str]:
     kv = cfg["n_kv_heads"] or cfg["n_heads"]
     ckpt = "on" if plan.activation_checkpointing else "off"
     lines = [
-        f"Plan: model {plan.model}, stage {plan.stage}, {plan.world_size} GPUs "
-        f"({plan.num_nodes} nodes x {plan.devices}), {plan.strategy}, {plan.precision}",
+        f"Plan: model {plan.model}, stage {plan.stage}, {_count(plan.num_nodes, 'node')} x "
+        f"{_count(plan.devices, 'GPU')} = {_count(plan.world_size, 'GPU')}, {plan.strategy}, "
+        f"{plan.precision}",
         f"  architecture: dim {cfg['dim']}, {cfg['n_layers']} layers, {cfg['n_heads']} heads, "
         f"{kv} KV heads, vocab {cfg['vocab_size']}",
         f"  per GPU: micro-batch {plan.micro_batch} x {plan.seq_len} tokens, activation "
@@ -586,7 +592,7 @@ def _render_lines(plan: Plan) -> list[str]:
         f"  activations (train)       {_gib(plan.activation_bytes_checkpointed):>8} GiB with "
         f"checkpointing, {_gib(plan.activation_bytes_full)} GiB without (using: {ckpt})",
         f"  KV cache (rollout)        {_gib(plan.kv_cache_bytes):>8} GiB",
-        "  phases (+ model states)   "
+        "  on top of model states    "
         + ", ".join(f"{k} {_gib(v)} GiB" for k, v in plan.phase_bytes.items()),
         f"  peak per GPU              {_gib(plan.total_bytes_per_gpu):>8} GiB of "
         f"{plan.gpu_memory_gb:.2f} GiB ({plan.peak_phase} phase)",
@@ -768,7 +774,9 @@ def _reason(plan: Plan, config: LlamaConfig, specs: tuple[ModelSpec, ...]) -> st
     sharded = plan.strategy == "fsdp" or plan.strategy.startswith("deepspeed_zero3")
     if plan.model_state_bytes + extra > budget and not sharded:
         hints.append(f"{plan.strategy} replicates model states: shard them with deepspeed_zero3")
-    gpus = _min_gpus(plan, config, specs) if sharded else None
+    gpus = (
+        _min_gpus(plan, config, specs, plan.devices if plan.devices > 1 else 8) if sharded else None
+    )
     if gpus is not None:
         hints.append(
             f"{plan.strategy} fits on {gpus} GPUs ({gpus // plan.devices} nodes x {plan.devices})"
@@ -788,24 +796,26 @@ def _reason(plan: Plan, config: LlamaConfig, specs: tuple[ModelSpec, ...]) -> st
     )
 
 
-def _min_gpus(plan: Plan, config: LlamaConfig, specs: tuple[ModelSpec, ...]) -> int | None:
-    """Fewest GPUs (whole nodes of ``plan.devices``) on which the same run fits, up to 4096.
+def _min_gpus(
+    plan: Plan, config: LlamaConfig, specs: tuple[ModelSpec, ...], per_node: int
+) -> int | None:
+    """Fewest GPUs (whole nodes of ``per_node``) on which the same run fits, up to 4096.
 
     Sharded model states only shrink as nodes are added, so a bisection over node counts works.
     """
     extra = plan.phase_bytes[plan.peak_phase]
 
     def fits(nodes: int) -> bool:
-        rows = _model_rows(config, specs, plan.strategy, plan.devices, nodes, plan.precision)
+        rows = _model_rows(config, specs, plan.strategy, per_node, nodes, plan.precision)
         return sum(row.gpu_bytes for row in rows) + extra <= plan.gpu_memory_gb * GIB
 
-    low, high = 1, max(1, 4096 // plan.devices)
+    low, high = 1, max(1, 4096 // per_node)
     if not fits(high):
         return None
     while low < high:
         mid = (low + high) // 2
         low, high = (low, mid) if fits(mid) else (mid + 1, high)
-    return low * plan.devices
+    return low * per_node
 
 
 def check_fits(plan: Plan) -> None:

@@ -13,29 +13,50 @@ from llamalab.scale.plan import Plan, PlanError, make_plan
 
 def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str]) -> Plan:
     stage = cfg.stage
+    devices = cfg.trainer.get("devices", 1)
+    devices = devices if isinstance(devices, int) and devices > 0 else 1
+    world = devices * int(cfg.trainer.get("num_nodes", 1) or 1)
     micro_batch = int(cfg.data.get("batch_size", 1))
+    rollout_batch = micro_batch
     seq_len = int(cfg.data.get("seq_len") or cfg.data.get("max_len") or arch.max_seq_len)
     if stage.name in ("ppo", "rejection_sampling"):
         seq_len = int(cfg.data.get("max_prompt_len", 128)) + int(stage.max_new_tokens)
-        micro_batch = (
-            int(stage.get("mini_batch", micro_batch)) if stage.name == "ppo" else micro_batch
-        )
-    devices = cfg.trainer.get("devices", 1)
+        # The prompts of one iteration, and PPO's mini-batches, are spread over the GPUs.
+        rollout_batch = max(1, int(cfg.data.get("batch_size", 1)) // world)
+        if stage.name == "ppo":
+            micro_batch = max(1, int(stage.mini_batch) // world)
     return make_plan(
         arch,
         stage=stage.name,
         strategy=cfg.strategy.get("name", "auto"),
         precision=str(cfg.trainer.get("precision", "32")),
-        devices=devices if isinstance(devices, int) and devices > 0 else 1,
+        devices=devices,
         num_nodes=int(cfg.trainer.get("num_nodes", 1) or 1),
         micro_batch=micro_batch,
         seq_len=seq_len,
         activation_checkpointing=bool(stage.get("activation_checkpointing", False)),
         gpu_memory_gb=float(cfg.plan.get("gpu_memory_gb", 80)),
-        rollout_batch=int(cfg.data.get("batch_size", 1)),
+        rollout_batch=rollout_batch,
         rollout_len=seq_len,
-        inputs=inputs,
+        inputs=plan_roles(stage.name, inputs),
+        model_name=str(cfg.model.name),
     )
+
+
+def plan_roles(stage: str, inputs: dict[str, str]) -> dict[str, str]:
+    """Stage config keys -> the planner's model roles (PPO's ``init`` is actor and reference)."""
+    roles: dict[str, str] = {}
+    for key, path in inputs.items():
+        if key == "init":
+            main_role = {"ppo": "actor", "rejection_sampling": "policy", "reward": "reward"}
+            roles[main_role.get(stage, "model")] = path
+            if stage == "ppo":
+                roles["reference"] = path
+        elif key == "critic_init":
+            roles["critic"] = path
+        else:
+            roles[key] = path
+    return roles
 
 
 def machine_memory_bytes() -> tuple[str, int]:
