@@ -42,29 +42,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def find_tokenizer(model_path: Path, explicit: str | None) -> Path:
     from llamalab.checkpoint import CheckpointError
 
-    candidates = [Path(explicit)] if explicit else [model_path / "tokenizer.model",
-                                                    model_path / "export" / "tokenizer.model",
-                                                    model_path.parent / "tokenizer.model"]
+    candidates = (
+        [Path(explicit)]
+        if explicit
+        else [
+            model_path / "tokenizer.model",
+            model_path / "export" / "tokenizer.model",
+            model_path.parent / "tokenizer.model",
+        ]
+    )
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise CheckpointError(f"no tokenizer.model for {model_path}; pass --tokenizer")
 
 
-def encode_rows(source: str, tokenizer: Any, max_len: int) -> tuple[list[dict[str, Any]], list[list[int] | None]]:
+def encode_rows(
+    source: str, tokenizer: Any, max_len: int
+) -> tuple[list[dict[str, Any]], list[list[int] | None]]:
     """Every raw row and the token lists to score: one per response row, two (chosen then
     rejected) per pair row; None where the sequence exceeds ``max_len``."""
     from llamalab.data.errors import DataError
     from llamalab.data.formats import iter_rows, normalize_preference, normalize_sft
     from llamalab.tokenizer import DialogError
 
-    rows, sequences = [], []
+    rows: list[dict[str, Any]] = []
+    sequences: list[list[int] | None] = []
     for path, line, row in iter_rows(source):
         try:
             if row.get("chosen") is not None or row.get("rejected") is not None:
                 record = normalize_preference(row)
-                dialogs = [[*record["prompt"], {"role": "assistant", "content": record[k]}]
-                           for k in ("chosen", "rejected")]
+                dialogs = [
+                    [*record["prompt"], {"role": "assistant", "content": record[k]}]
+                    for k in ("chosen", "rejected")
+                ]
             else:
                 dialogs = [normalize_sft(row)["messages"]]
             encoded = [tokenizer.encode_dialog(d) for d in dialogs]
@@ -124,7 +135,9 @@ def score_file(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = Tokenizer(find_tokenizer(model_path, args.tokenizer))
     rows, sequences = encode_rows(args.data, tokenizer, model.config.max_seq_len)
     kept = [s for s in sequences if s is not None]
-    values = score_token_rows(model, kept, tokenizer.pad_id, args.batch_size).tolist() if kept else []
+    values = (
+        score_token_rows(model, kept, tokenizer.pad_id, args.batch_size).tolist() if kept else []
+    )
     it = iter(values)
     summary = attach_scores(rows, [None if s is None else next(it) for s in sequences])
     lines = "".join(json.dumps(row) + "\n" for row in rows)
@@ -133,12 +146,20 @@ def score_file(args: argparse.Namespace) -> dict[str, Any]:
     else:
         sys.stdout.write(lines)
     report = sys.stdout if args.out else sys.stderr
-    print(f"scored {summary['records']} records: mean score {summary['mean_score']:.4f}", file=report)
+    print(
+        f"scored {summary['records']} records: mean score {summary['mean_score']:.4f}", file=report
+    )
     if summary["pairs"]:
-        print(f"pairwise accuracy {summary['accuracy']:.4f} over {summary['pairs']} pairs", file=report)
+        print(
+            f"pairwise accuracy {summary['accuracy']:.4f} over {summary['pairs']} pairs",
+            file=report,
+        )
     if summary["skipped_sequences"]:
-        print(f"{summary['skipped_sequences']} sequences longer than {model.config.max_seq_len} "
-              "tokens were not scored (score null)", file=report)
+        print(
+            f"{summary['skipped_sequences']} sequences longer than {model.config.max_seq_len} "
+            "tokens were not scored (score null)",
+            file=report,
+        )
     return summary
 
 

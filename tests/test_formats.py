@@ -24,7 +24,9 @@ from llamalab.data.formats import (
 
 
 def test_data_error_renders_location_and_keeps_attributes():
-    err = DataError("expected a string", path="data/train.jsonl", line=3, field="messages[1].content")
+    err = DataError(
+        "expected a string", path="data/train.jsonl", line=3, field="messages[1].content"
+    )
     assert str(err) == "data/train.jsonl:3: field 'messages[1].content': expected a string"
     assert (err.message, err.path, err.line, err.field) == (
         "expected a string",
@@ -143,16 +145,32 @@ def test_malformed_json_names_path_and_line(tmp_path: Path):
     [
         ({"messages": "hello"}, "messages", "expected a list"),
         ({"messages": []}, "messages", "empty message list"),
-        ({"messages": [user("q"), {"role": "assistant", "content": 5}]}, "messages[1].content", "expected a string, got a number"),
+        (
+            {"messages": [user("q"), {"role": "assistant", "content": 5}]},
+            "messages[1].content",
+            "expected a string, got a number",
+        ),
         ({"messages": [user("q"), {"role": "assistant"}]}, "messages[1].content", "missing"),
         ({"messages": [user("q"), assistant("  ")]}, "messages[1].content", "empty"),
-        ({"messages": [user("q"), {"role": "bot", "content": "a"}]}, "messages[1].role", "expected one of"),
+        (
+            {"messages": [user("q"), {"role": "bot", "content": "a"}]},
+            "messages[1].role",
+            "expected one of",
+        ),
         ({"messages": [user("q"), user("r")]}, "messages[1].role", "expected role 'assistant'"),
-        ({"messages": [user("q"), assistant("a"), system("s")]}, "messages[2].role", "expected role 'user'"),
+        (
+            {"messages": [user("q"), assistant("a"), system("s")]},
+            "messages[2].role",
+            "expected role 'user'",
+        ),
         ({"messages": [assistant("a")]}, "messages[0].role", "expected role 'user'"),
         ({"messages": [user("q")]}, "messages", "must end with a 'assistant' message"),
         ({"messages": [user("q"), ["a"]]}, "messages[1]", "expected a {role, content} object"),
-        ({"messages": [user("[INST] q"), assistant("a")]}, "messages[0].content", "reserved chat tag"),
+        (
+            {"messages": [user("[INST] q"), assistant("a")]},
+            "messages[0].content",
+            "reserved chat tag",
+        ),
         ({"prompt": "q"}, "response", "missing"),
         ({"prompt": 3, "response": "a"}, "prompt", "expected a string"),
         ({"prompt": "q", "response": ["a"]}, "response", "expected a string"),
@@ -194,8 +212,13 @@ def test_file_level_errors(tmp_path: Path):
     broken.write_bytes(b"PAR1 this is not parquet")
     assert "unreadable Parquet file" in str(_error(broken))
     array = tmp_path / "arr.json"
-    array.write_text('[\n  {"prompt": "q", "response": "a"},\n  {"prompt": "q"\n  "response": "a"}\n]')
+    array.write_text(
+        '[\n  {"prompt": "q", "response": "a"},\n  {"prompt": "q"\n  "response": "a"}\n]'
+    )
     assert _error(array).line == 4  # the missing comma, reported where the parser stopped
+    single = tmp_path / "one.json"
+    single.write_text('{\n  "prompt": "q",\n  "response": "a"\n}\n')
+    assert load_sft_records(single) == [{"messages": [user("q"), assistant("a")]}]
 
 
 def test_skip_mode_drops_invalid_records(tmp_path: Path, caplog: pytest.LogCaptureFixture):
@@ -222,7 +245,12 @@ def test_preference_formats_normalise():
         "is_safety": False,
     }
     hh = normalize_preference({"chosen": HH_CHOSEN, "rejected": HH_REJECTED})
-    assert hh == {"prompt": HH_PROMPT, "chosen": "Why did the chicken cross the road?", "rejected": "No.", **base}
+    assert hh == {
+        "prompt": HH_PROMPT,
+        "chosen": "Why did the chicken cross the road?",
+        "rejected": "No.",
+        **base,
+    }
     conversations = {
         "prompt": HH_PROMPT,
         "chosen": [*HH_PROMPT, assistant("Why did the chicken cross the road?")],
@@ -230,10 +258,18 @@ def test_preference_formats_normalise():
         "safety": True,
         "rating": "unsure",
     }
-    assert normalize_preference(conversations) == {**hh, "is_safety": True, "rating": "negligibly_better"}
+    assert normalize_preference(conversations) == {
+        **hh,
+        "is_safety": True,
+        "rating": "negligibly_better",
+    }
     lists_only = {"chosen": conversations["chosen"], "rejected": [*HH_PROMPT, assistant("No.")]}
     assert normalize_preference(lists_only) == hh
-    hh_prompt = {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello.", "rejected": " Go away."}
+    hh_prompt = {
+        "prompt": "\n\nHuman: Hi\n\nAssistant:",
+        "chosen": " Hello.",
+        "rejected": " Go away.",
+    }
     assert normalize_preference(hh_prompt)["prompt"] == [user("Hi")]
 
 
@@ -243,15 +279,57 @@ def test_preference_formats_normalise():
         ({"prompt": "q", "chosen": "a"}, "rejected", "missing"),
         ({"prompt": "q", "rejected": "a"}, "chosen", "missing"),
         ({"prompt": "q", "chosen": "a", "rejected": "a"}, "rejected", "identical"),
-        ({"prompt": "q", "chosen": "a", "rejected": "b", "rating": "much better"}, "rating", "unknown preference rating"),
-        ({"prompt": "q", "chosen": "a", "rejected": "b", "rating": 2}, "rating", "expected a rating"),
-        ({"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": "yes"}, "is_safety", "expected true/false"),
-        ({"prompt": [user("q"), assistant("a")], "chosen": "a", "rejected": "b"}, "prompt", "must end with a 'user'"),
-        ({"prompt": [user("q")], "chosen": [user("x"), assistant("a")], "rejected": "b"}, "chosen", "differs from 'prompt'"),
-        ({"chosen": HH_CHOSEN, "rejected": "\n\nHuman: other\n\nAssistant: No."}, "rejected", "differs from 'chosen'"),
-        ({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"}, "chosen", "no '\\n\\nAssistant:'"),
-        ({"chosen": "\n\nHuman: hi\n\nAssistant:  ", "rejected": "\n\nHuman: hi\n\nAssistant: x"}, "chosen", "empty"),
-        ({"chosen": "Intro\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: x"}, "chosen", "before the first 'Human:'"),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "rating": "much better"},
+            "rating",
+            "unknown preference rating",
+        ),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "rating": 2},
+            "rating",
+            "expected a rating",
+        ),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "is_safety": "yes"},
+            "is_safety",
+            "expected true/false",
+        ),
+        (
+            {"prompt": [user("q"), assistant("a")], "chosen": "a", "rejected": "b"},
+            "prompt",
+            "must end with a 'user'",
+        ),
+        (
+            {"prompt": [user("q")], "chosen": [user("x"), assistant("a")], "rejected": "b"},
+            "chosen",
+            "differs from 'prompt'",
+        ),
+        (
+            {"chosen": HH_CHOSEN, "rejected": "\n\nHuman: other\n\nAssistant: No."},
+            "rejected",
+            "differs from 'chosen'",
+        ),
+        (
+            {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi\n\nAssistant: x"},
+            "chosen",
+            "no '\\n\\nAssistant:'",
+        ),
+        (
+            {
+                "chosen": "\n\nHuman: hi\n\nAssistant:  ",
+                "rejected": "\n\nHuman: hi\n\nAssistant: x",
+            },
+            "chosen",
+            "empty",
+        ),
+        (
+            {
+                "chosen": "Intro\n\nHuman: hi\n\nAssistant: a",
+                "rejected": "\n\nHuman: hi\n\nAssistant: x",
+            },
+            "chosen",
+            "before the first 'Human:'",
+        ),
         ({"chosen": 3, "rejected": "b"}, "chosen", "expected a string"),
     ],
 )
@@ -266,7 +344,13 @@ def test_preference_errors(tmp_path: Path, row: dict, field: str, message: str):
 def test_preference_files_round_trip(tmp_path: Path):
     rows = [
         {"chosen": HH_CHOSEN, "rejected": HH_REJECTED},
-        {"prompt": "Q?", "chosen": "Good.", "rejected": "Bad.", "rating": "better", "is_safety": True},
+        {
+            "prompt": "Q?",
+            "chosen": "Good.",
+            "rejected": "Bad.",
+            "rating": "better",
+            "is_safety": True,
+        },
     ]
     expected = [normalize_preference(r) for r in rows]
     assert load_preference_records(write_jsonl(tmp_path / "p.jsonl", rows)) == expected
@@ -310,7 +394,10 @@ def test_builtin_records_pass_validation():
             for row in builtin.builtin_preferences(kind, split, 0, n=200):
                 assert normalize_preference(dict(row)) == dict(row)
     for row in builtin.builtin_prompts("train", 0, n=100):
-        assert normalize_prompt(dict(row)) == {"prompt": row["prompt"], "is_safety": row["is_safety"]}
+        assert normalize_prompt(dict(row)) == {
+            "prompt": row["prompt"],
+            "is_safety": row["is_safety"],
+        }
 
 
 def test_iter_rows_reports_lines(tmp_path: Path):

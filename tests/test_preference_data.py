@@ -49,7 +49,12 @@ def test_encode_preference_is_the_full_dialog_ending_with_eos(tokenizer: Tokeniz
 def _items() -> list[dict]:
     return [
         {"chosen_ids": [1, 5, 6, 2], "rejected_ids": [1, 5, 2], "rating": 0, "is_safety": True},
-        {"chosen_ids": [1, 7, 2], "rejected_ids": [1, 7, 8, 9, 10, 2], "rating": -1, "is_safety": False},
+        {
+            "chosen_ids": [1, 7, 2],
+            "rejected_ids": [1, 7, 8, 9, 10, 2],
+            "rating": -1,
+            "is_safety": False,
+        },
     ]
 
 
@@ -76,7 +81,9 @@ def test_preference_collator_left_padding():
 
 
 def test_preference_datamodule_builtin(tokenizer: Tokenizer):
-    dm = PreferenceDataModule("safety", tokenizer=tokenizer, batch_size=4, builtin_size=40, max_len=256)
+    dm = PreferenceDataModule(
+        "safety", tokenizer=tokenizer, batch_size=4, builtin_size=40, max_len=256
+    )
     summary = dm.validate()
     assert summary["pairs"]["train"] + summary["dropped"]["train"] == 40
     assert summary["pairs"]["val"] > 0
@@ -89,8 +96,21 @@ def test_preference_datamodule_builtin(tokenizer: Tokenizer):
 
 
 def test_preference_datamodule_from_file(tokenizer: Tokenizer, tmp_path: Path):
-    rows = [{"prompt": f"Q{i}?", "chosen": f"Answer {i}.", "rejected": "No.", "rating": "slightly better"} for i in range(10)]
-    dm = PreferenceDataModule(path=str(write_jsonl(tmp_path / "p.jsonl", rows)), tokenizer=tokenizer, val_fraction=0.2, batch_size=3)
+    rows = [
+        {
+            "prompt": f"Q{i}?",
+            "chosen": f"Answer {i}.",
+            "rejected": "No.",
+            "rating": "slightly better",
+        }
+        for i in range(10)
+    ]
+    dm = PreferenceDataModule(
+        path=str(write_jsonl(tmp_path / "p.jsonl", rows)),
+        tokenizer=tokenizer,
+        val_fraction=0.2,
+        batch_size=3,
+    )
     assert dm.validate()["pairs"] == {"train": 8, "val": 2}
     assert len(dm.records("val")) == 2
     batch = next(iter(dm.train_dataloader()))
@@ -112,7 +132,10 @@ def test_prompt_dataset_and_collate(tokenizer: Tokenizer):
     dataset = PromptDataset(records, tokenizer, max_prompt_len=64)
     assert (len(dataset), dataset.dropped) == (2, 1)
     batch = collate_prompts([dataset[0], dataset[1]])
-    assert batch["prompt_ids"] == [tokenizer.encode_dialog(records[0]["prompt"]), tokenizer.encode_dialog(records[2]["prompt"])]
+    assert batch["prompt_ids"] == [
+        tokenizer.encode_dialog(records[0]["prompt"]),
+        tokenizer.encode_dialog(records[2]["prompt"]),
+    ]
     assert batch["index"].tolist() == [0, 2]  # positions in `records`, dropped ones included
     assert batch["is_safety"].tolist() == [False, True] and batch["is_safety"].dtype == torch.bool
     ends = tokenizer.encode("[INST] Hi [/INST]", bos=True)

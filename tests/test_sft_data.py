@@ -88,7 +88,12 @@ def test_learn_only_last_answer(tokenizer: Tokenizer):
 
 def test_build_gatt_dialog_keeps_instruction_in_first_turn_only():
     instruction = "Answer in uppercase."
-    sampled = [user(f"{instruction} q1"), assistant("A1"), user(f"{instruction} q2"), assistant("A2")]
+    sampled = [
+        user(f"{instruction} q1"),
+        assistant("A1"),
+        user(f"{instruction} q2"),
+        assistant("A2"),
+    ]
     messages, learn_only_last = build_gatt_dialog(instruction, sampled)
     assert learn_only_last is True
     assert messages == [user(f"{instruction} q1"), assistant("A1"), user("q2"), assistant("A2")]
@@ -102,7 +107,9 @@ def test_truncation_and_drop_are_counted(tokenizer: Tokenizer):
     stats = EncodeStats()
     cut = encode_sft_example(tokenizer, DIALOG, max_len=n - 3, stats=stats)
     assert cut == {"input_ids": full["input_ids"][: n - 3], "labels": full["labels"][: n - 3]}
-    assert encode_sft_example(tokenizer, DIALOG, max_len=n - 3, truncation="drop", stats=stats) is None
+    assert (
+        encode_sft_example(tokenizer, DIALOG, max_len=n - 3, truncation="drop", stats=stats) is None
+    )
     # Cut before the first answer: nothing left to learn, dropped.
     assert encode_sft_example(tokenizer, DIALOG, max_len=5, stats=stats) is None
     assert (stats.examples, stats.truncated, stats.dropped) == (1, 2, 2)
@@ -133,7 +140,10 @@ def test_pack_examples_keeps_each_sample():
     assert rows[1]["position_ids"].tolist() == [0, 1, 2, 3, 0, 1, 0, 0]
     # Every sample's tokens/labels come back from its segment.
     samples = [
-        (row["input_ids"][row["segment_ids"] == s].tolist(), row["labels"][row["segment_ids"] == s].tolist())
+        (
+            row["input_ids"][row["segment_ids"] == s].tolist(),
+            row["labels"][row["segment_ids"] == s].tolist(),
+        )
         for row in rows
         for s in range(1, int(row["segment_ids"].max()) + 1)
     ]
@@ -219,9 +229,13 @@ def test_datamodule_builtin_packed_and_padded(tokenizer: Tokenizer):
         assert set(row[int(n) :].tolist()) <= {tokenizer.pad_id}
 
 
-def test_datamodule_reads_user_file_and_reports_errors_before_training(tokenizer: Tokenizer, tmp_path: Path):
+def test_datamodule_reads_user_file_and_reports_errors_before_training(
+    tokenizer: Tokenizer, tmp_path: Path
+):
     rows = [{"prompt": f"Question {i}?", "response": f"Answer {i}."} for i in range(12)]
-    dm = _datamodule(tokenizer, path=str(write_jsonl(tmp_path / "sft.jsonl", rows)), val_fraction=0.25)
+    dm = _datamodule(
+        tokenizer, path=str(write_jsonl(tmp_path / "sft.jsonl", rows)), val_fraction=0.25
+    )
     assert dm.validate()["records"] == {"train": 9, "val": 3}
     bad = write_jsonl(tmp_path / "bad.jsonl", [*rows, {"prompt": "q", "response": 7}])
     with pytest.raises(DataError, match=r"bad\.jsonl:13: field 'response'"):
@@ -248,8 +262,6 @@ def test_datamodule_resumes_mid_epoch(tokenizer: Tokenizer):
     assert batches(resumed) == full  # the next pass is a whole epoch again
 
 
-
-
 def test_lightning_checkpoint_resumes_with_the_unseen_batches(tokenizer: Tokenizer, tmp_path: Path):
     """A run stopped after 3 steps and resumed from its checkpoint sees exactly the batches an
     uninterrupted run sees from step 4 on (Lightning keeps the datamodule's state_dict)."""
@@ -265,6 +277,9 @@ def test_lightning_checkpoint_resumes_with_the_unseen_batches(tokenizer: Tokeniz
         def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
             self.seen.append(batch["input_ids"].tolist())
             return (self.weight**2).sum()
+
+        def validation_step(self, batch: dict, batch_idx: int) -> None:
+            return None
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -286,6 +301,7 @@ def test_lightning_checkpoint_resumes_with_the_unseen_batches(tokenizer: Tokeniz
         return model.seen
 
     full = fit(max_steps=8)
+    assert len({str(batch) for batch in full}) == 8  # distinct batches: order is observable
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
     assert fit(max_steps=3, callbacks=[checkpoint]) == full[:3]
     resumed = fit(max_steps=8, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=3.ckpt"))

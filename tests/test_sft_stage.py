@@ -18,7 +18,14 @@ from llamalab.model import Llama, LlamaConfig
 from llamalab.rlhf.losses import IGNORE_INDEX, lm_loss_per_sample
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 16, "max_seq_len": 64}
+TINY = {
+    "dim": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "multiple_of": 16,
+    "max_seq_len": 64,
+}
 
 
 def _examples() -> list[dict[str, list[int]]]:
@@ -46,7 +53,9 @@ def _alone(model: Llama, examples: list[dict[str, list[int]]]) -> torch.Tensor:
     return torch.stack(losses)
 
 
-def _packed_per_sample(model: Llama, row: dict[str, torch.Tensor], use_fields: bool) -> torch.Tensor:
+def _packed_per_sample(
+    model: Llama, row: dict[str, torch.Tensor], use_fields: bool
+) -> torch.Tensor:
     """Per-sample losses read from one packed row: sample k keeps only its own labels."""
     kwargs = {"segment_ids": row["segment_ids"][None], "position_ids": row["position_ids"][None]}
     logits = model(row["input_ids"][None], **(kwargs if use_fields else {}))
@@ -110,6 +119,7 @@ def test_sft_stage_trains_and_writes_samples(tmp_path_factory, tmp_path: Path) -
         logger=[CSVLogger(str(tmp_path), name="csv", version=""), wandb],
         default_root_dir=str(tmp_path),
         limit_val_batches=1,
+        val_check_interval=2,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -118,7 +128,9 @@ def test_sft_stage_trains_and_writes_samples(tmp_path_factory, tmp_path: Path) -
     trainer.fit(stage, datamodule=data)
     wandb.experiment.finish()
 
-    rows = [json.loads(x) for x in (tmp_path / "samples" / "epoch_0.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (tmp_path / "samples" / "epoch_0.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 2
     assert set(rows[0]) == {"step", "prompt", "response", "ends_with_eos"}
     assert rows[0]["prompt"].startswith(("user: ", "system: "))
@@ -179,7 +191,7 @@ def _train(args: list[str], cache: Path, timeout: int = 600) -> subprocess.Compl
     )
 
 
-QUICK = ["logger=none", "callbacks=none", "plan.check=false", "trainer.limit_val_batches=1"]
+QUICK = ["logger=none", "callbacks=none", "plan.check=false", "++trainer.limit_val_batches=1"]
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +199,7 @@ def pretrained_root(tmp_path_factory, cache_dir: Path) -> Path:
     """outputs root holding pretrain/latest from a 2-step default pretraining run."""
     root = tmp_path_factory.mktemp("outs")
     args = [*QUICK, f"paths.outputs_root={root}", "trainer.max_steps=2", "stage.batch_tokens=1024"]
-    result = _train(args + ["data.batch_size=4"], cache_dir)
+    result = _train([*args, "data.batch_size=4"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
 
@@ -219,7 +231,9 @@ def test_sft_run_exports_a_transformers_model(sft_root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sft_with_gatt_trains_end_to_end(pretrained_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+def test_sft_with_gatt_trains_end_to_end(
+    pretrained_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
     args = [*QUICK, "stage=sft", f"stage.init={pretrained_root}/pretrain/latest"]
     args += [f"paths.output_dir={tmp_path}", "trainer.max_steps=2", "data.gatt=true"]
     args += ["data.builtin_size=60", "data.gatt_size=32", "data.batch_size=2", "stage.batch_size=2"]
@@ -232,7 +246,9 @@ def test_sft_with_gatt_trains_end_to_end(pretrained_root: Path, cache_dir: Path,
 
 @pytest.mark.slow
 def test_malformed_sft_line_stops_with_file_and_line(cache_dir: Path, tmp_path: Path) -> None:
-    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    good = {
+        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    }
     path = tmp_path / "dialogs.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"messages": [\n')
     args = ["stage=sft", "stage.init=null", f"data.path={path}", f"paths.output_dir={tmp_path}/run"]

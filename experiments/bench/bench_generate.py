@@ -24,7 +24,7 @@ from llamalab.model import LlamaConfig
 
 
 def runners(
-    ours: torch.nn.Module, theirs: torch.nn.Module, prompts: torch.Tensor, new: int, compile_: bool
+    ours: torch.nn.Module, theirs: torch.nn.Module, prompts: torch.Tensor, new: int
 ) -> dict[str, Callable[[], list[list[int]]]]:
     """Closures returning the new tokens per prompt for each contender."""
     prompt_lists = prompts.tolist()
@@ -45,15 +45,7 @@ def runners(
         )
         return out[:, prompts.shape[1] :].tolist()
 
-    fns = {"ours": run_ours, "hf": run_hf}
-    if compile_:
-
-        def run_compiled() -> list[list[int]]:
-            out = generate(ours, prompt_lists, new, temperature=0.0, eos_id=None, compile=True)
-            return out.tokens
-
-        fns["ours_compiled"] = run_compiled
-    return fns
+    return {"ours": run_ours, "hf": run_hf}
 
 
 def bench_one(args: argparse.Namespace, size: str, batch: int) -> dict[str, object]:
@@ -63,7 +55,7 @@ def bench_one(args: argparse.Namespace, size: str, batch: int) -> dict[str, obje
     ours.eval(), theirs.eval()
     theirs.generation_config.eos_token_id = None
     prompts = torch.randint(3, config.vocab_size, (batch, args.prompt_len), device=device)
-    fns = runners(ours, theirs, prompts, args.new, args.compile)
+    fns = runners(ours, theirs, prompts, args.new)
     with torch.no_grad():
         seconds = alternate(fns, device, args.warmup, args.repeats)
         reference = fns["hf"]()
@@ -72,24 +64,20 @@ def bench_one(args: argparse.Namespace, size: str, batch: int) -> dict[str, obje
     for name, s in seconds.items():
         row[f"{name}_tok_s"] = batch * args.new / s
     row["ratio"] = seconds["hf"] / seconds["ours"]
-    if args.compile:
-        row["ratio_compiled"] = seconds["hf"] / seconds["ours_compiled"]
     return row
 
 
-def print_table(rows: list[dict[str, object]], compiled: bool) -> None:
-    names = ["ours", "hf"] + (["ours_compiled"] if compiled else [])
-    head = ["size", "batch"] + [f"{n} tok/s" for n in names] + ["ours/hf"]
-    head += (["compiled/hf"] if compiled else []) + ["match"]
+def print_header() -> None:
+    head = ["size", "batch", "ours tok/s", "hf tok/s", "ours/hf", "match"]
     print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        cells = [str(r["size"]), str(r["batch"])] + [f"{r[f'{n}_tok_s']:.0f}" for n in names]
-        cells.append(f"{r['ratio']:.2f}x")
-        if compiled:
-            cells.append(f"{r['ratio_compiled']:.2f}x")
-        cells.append(f"{r['match']:.0%}")
-        print("| " + " | ".join(cells) + " |", flush=True)
+    print("|" + "---|" * len(head), flush=True)
+
+
+def print_row(r: dict[str, object]) -> None:
+    cells = [str(r["size"]), str(r["batch"])] + [f"{r[f'{n}_tok_s']:.0f}" for n in ("ours", "hf")]
+    cells.append(f"{r['ratio']:.2f}x")
+    cells.append(f"{r['match']:.0%}")
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
@@ -104,7 +92,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="also generate(compile=True)")
     parser.add_argument("--quick", action="store_true", help="tiny only, 3 repeats")
     args = parser.parse_args()
     if args.quick:
@@ -114,13 +101,13 @@ def main() -> None:
     setup(args.threads)
     device = torch.device(args.device)
     print(machine_line(device))
-    print(f"dtype {args.dtype}, greedy, {args.new} new tokens, prompt {args.prompt_len}, median of {args.repeats}")
-    rows = [
-        bench_one(args, size, int(batch))
-        for size in args.sizes.split(",")
-        for batch in args.batches.split(",")
-    ]
-    print_table(rows, args.compile)
+    print(
+        f"dtype {args.dtype}, greedy, {args.new} new tokens, prompt {args.prompt_len}, median of {args.repeats}"
+    )
+    print_header()
+    for size in args.sizes.split(","):
+        for batch in args.batches.split(","):
+            print_row(bench_one(args, size, int(batch)))
 
 
 if __name__ == "__main__":

@@ -63,22 +63,25 @@ def bench_one(args: argparse.Namespace, size: str, seq: int, peak: float) -> dic
     return row
 
 
-def print_table(rows: list[dict[str, object]], compiled: bool) -> None:
+def print_header(compiled: bool) -> None:
     names = ["ours", "hf"] + (["ours_compiled"] if compiled else [])
     head = ["size", "seq", "batch"]
     for n in names:
         head += [f"{n} tok/s", f"{n} MiB", f"{n} MFU"]
     head += ["ours/hf"] + (["compiled/hf"] if compiled else [])
     print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for r in rows:
-        cells = [str(r["size"]), str(r["seq"]), str(r["batch"])]
-        for n in names:
-            cells += [f"{r[f'{n}_tok_s']:.0f}", f"{r[f'{n}_mib']:.0f}", f"{r[f'{n}_mfu']:.1%}"]
-        cells.append(f"{r['ratio']:.2f}x")
-        if compiled:
-            cells.append(f"{r['ratio_compiled']:.2f}x")
-        print("| " + " | ".join(cells) + " |", flush=True)
+    print("|" + "---|" * len(head), flush=True)
+
+
+def print_row(r: dict[str, object], compiled: bool) -> None:
+    names = ["ours", "hf"] + (["ours_compiled"] if compiled else [])
+    cells = [str(r["size"]), str(r["seq"]), str(r["batch"])]
+    for n in names:
+        cells += [f"{r[f'{n}_tok_s']:.0f}", f"{r[f'{n}_mib']:.0f}", f"{r[f'{n}_mfu']:.1%}"]
+    cells.append(f"{r['ratio']:.2f}x")
+    if compiled:
+        cells.append(f"{r['ratio_compiled']:.2f}x")
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
@@ -101,11 +104,10 @@ def main() -> None:
     peak = measure_peak_flops(DTYPES[args.dtype], device)
     print(machine_line(device))
     print(f"dtype {args.dtype}, peak {peak / 1e9:.0f} GFLOP/s, median of {args.repeats}")
-    rows = []
+    print_header(args.compile)
     for size in args.sizes.split(","):
         for seq in (int(s) for s in args.seq.split(",")):
-            rows.append(bench_one(args, size, seq, peak))
-    print_table(rows, args.compile)
+            print_row(bench_one(args, size, seq, peak), args.compile)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def machine_line(device: torch.device) -> str:
             pass
     return (
         f"machine: {hw}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, python {platform.python_version()}"
+        f"transformers {transformers.__version__}, python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
 
 

@@ -8,5 +8,7 @@ from omegaconf import DictConfig
 
 
 def default_callbacks(cfg: DictConfig) -> list[Any]:
-    """Nothing mandatory yet beyond what the callbacks group configures."""
-    return []
+    """W&B tracking (resolved config, tokens-seen x-axis, sample tables) when W&B is configured."""
+    from llamalab.tracking import tracking_callbacks
+
+    return [*tracking_callbacks(cfg)]

@@ -84,7 +84,9 @@ def load_chat_model(
     path = Path(model_path) if model_path is not None else default_model_path()
     model = load_model(path, device=device)
     if not isinstance(model, Llama):
-        raise ChatError(f"{path} holds a {type(model).__name__} (a reward model?), not a language model")
+        raise ChatError(
+            f"{path} holds a {type(model).__name__} (a reward model?), not a language model"
+        )
     tokenizer = Tokenizer(tokenizer_path or find_tokenizer(path))
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ChatError(
@@ -284,7 +286,9 @@ def read_prompts(path: str | Path, system: str | None = None) -> list[tuple[Any,
         if not source.is_file():
             raise DataError("no such file", path=str(source))
         text = source.read_text(encoding="utf-8")
-        messages_list = [[{"role": "user", "content": ln}] for ln in text.splitlines() if ln.strip()]
+        messages_list = [
+            [{"role": "user", "content": ln}] for ln in text.splitlines() if ln.strip()
+        ]
     prompts = []
     for messages in messages_list:
         shown: Any = messages[0]["content"] if len(messages) == 1 else messages
@@ -329,7 +333,9 @@ def answer_prompts(
             yield {"response": text, "tokens": tokens, "finished": finished}
 
 
-def encode_prompt(tokenizer: Tokenizer, messages: list[Message], budget: int, raw: bool) -> list[int]:
+def encode_prompt(
+    tokenizer: Tokenizer, messages: list[Message], budget: int, raw: bool
+) -> list[int]:
     """Chat prompt ids (Meta's format, oldest turns dropped to fit `budget`), or with `raw` the
     single user text as plain text with BOS."""
     if not raw:

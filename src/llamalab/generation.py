@@ -95,38 +95,54 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = input_ids.shape
-    total = prompt_len + max_new_tokens
     dtype = cache_dtype or next(model.parameters()).dtype
-    cache = KVCache.allocate(model.config, batch, total, device, dtype)
-    full_mask = torch.zeros((batch, total), dtype=torch.long, device=device)
-    full_mask[:, :prompt_len] = attention_mask
-
-    out_tokens: list[list[int]] = [[] for _ in prompts]
-    out_logprobs: list[list[float]] = [[] for _ in prompts]
-    finished = [False] * batch
+    cache = KVCache.allocate(model.config, batch, prompt_len + max_new_tokens, device, dtype)
+    # Equal-length prompts need no mask: plain causal prefill, then unmasked one-token decode.
+    full_mask = None
+    if any(len(p) != prompt_len for p in prompts):
+        full_mask = torch.zeros((batch, cache.max_len), dtype=torch.long, device=device)
+        full_mask[:, :prompt_len] = attention_mask
+    position = attention_mask.sum(-1, keepdim=True)  # (B, 1): position of the next new token
+    # Tokens and log-probs stay on the device, one column per step; Python reads them once.
+    tokens = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    n_new = [max_new_tokens] * batch  # tokens kept per row, up to and including its EOS
     active = torch.arange(batch, device=device)  # original row index of each live row
-    logits = model(input_ids, attention_mask=attention_mask, kv_cache=cache)[:, -1]
+    prefill_mask = None if full_mask is None else attention_mask
+    logits = model(input_ids, attention_mask=prefill_mask, kv_cache=cache)[:, -1]
     for step in range(max_new_tokens):
         next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None]).squeeze(1)
-        rows, toks, lps = active.tolist(), next_tokens.tolist(), logprobs.tolist()
-        keep = []
-        for i, (row, tok, lp) in enumerate(zip(rows, toks, lps)):
-            out_tokens[row].append(tok)
-            out_logprobs[row].append(lp)
-            if eos_id is not None and tok == eos_id:
-                finished[row] = True
-            else:
-                keep.append(i)
-        if not keep or step == max_new_tokens - 1:
+        tokens[active, step] = next_tokens
+        logprobs[active, step] = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[
+            :, 0
+        ]
+        if step == max_new_tokens - 1:
             break
-        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-            keep_t = torch.tensor(keep, device=device)
-            active, next_tokens = active[keep_t], next_tokens[keep_t]
-            full_mask = full_mask[keep_t]
-            cache.select(keep_t)
-        full_mask[:, prompt_len + step] = 1
+        if eos_id is not None:
+            done = next_tokens == eos_id
+            if bool(done.any()):  # one sync per step, only when EOS can stop rows
+                for row in active[done].tolist():
+                    n_new[row] = step + 1
+                keep = (~done).nonzero()[:, 0]
+                if keep.numel() == 0:
+                    break
+                active, next_tokens, position = active[keep], next_tokens[keep], position[keep]
+                full_mask = None if full_mask is None else full_mask[keep]
+                cache.select(keep)  # finished rows cost no further compute
+        decode_mask = None
+        if full_mask is not None:
+            full_mask[:, prompt_len + step] = 1
+            decode_mask = full_mask[:, : cache.length + 1]
         logits = model(
-            next_tokens[:, None], attention_mask=full_mask[:, : cache.length + 1], kv_cache=cache
+            next_tokens[:, None], attention_mask=decode_mask, position_ids=position, kv_cache=cache
         )[:, -1]
-    return GenerationOutput(out_tokens, out_logprobs, finished)
+        position = position + 1
+    token_rows, logprob_rows = tokens.tolist(), logprobs.tolist()
+    return GenerationOutput(
+        [row[:n] for row, n in zip(token_rows, n_new)],
+        [row[:n] for row, n in zip(logprob_rows, n_new)],
+        [
+            eos_id is not None and n > 0 and row[n - 1] == eos_id
+            for row, n in zip(token_rows, n_new)
+        ],
+    )

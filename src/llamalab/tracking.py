@@ -2,6 +2,12 @@
 
 Offline runs are written under the run directory (``<run>/wandb/offline-run-*``) and can be
 uploaded later with ``wandb sync <dir>``; nothing in the code changes between the two modes.
+
+What a run carries (issue 8): one group per sweep (``sweep_group``), the run name and tags from
+the config (stage, model, attention, strategy, seed: ``run_tags``), the full resolved config,
+every ``train/*`` and ``val/*`` metric plotted against ``train/tokens_seen`` (``WandbTracking``)
+and, for pretraining, a ``val/samples`` table of greedy continuations (the other stages log
+their own sample tables).
 """
 
 from __future__ import annotations
@@ -11,7 +17,24 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
+
+# The x-axis of every step metric: tokens are what a token budget and throughput are measured in.
+TOKENS_AXIS = "train/tokens_seen"
+# Metrics every LM stage logs; defined by name up front (a name beats any glob, Lightning's "*"
+# included), later ones as they appear.
+KNOWN_METRICS = (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_per_s",
+    "train/mfu",
+    "train/target_tokens",
+    "val/loss",
+    "val/ppl",
+)
+SAMPLE_COLUMNS = ["step", "tokens_seen", "prompt", "continuation"]
 
 
 def wandb_logged_in() -> bool:
@@ -26,16 +49,42 @@ def wandb_logged_in() -> bool:
     return rc.authenticators(host) is not None
 
 
-def wandb_kwargs(cfg: DictConfig, logger_cfg: DictConfig) -> dict[str, Any]:
-    """Mode and the full resolved config for ``WandbLogger``."""
-    kwargs: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True)}
+def wandb_offline(logger_cfg: DictConfig) -> bool:
+    """``logger.wandb.offline`` when set; else WANDB_MODE; else offline unless logged in."""
+    if logger_cfg.get("offline") is not None:
+        return bool(logger_cfg.offline)
     mode = os.environ.get("WANDB_MODE")
-    if logger_cfg.get("offline") is None:
-        kwargs["offline"] = mode in ("offline", "dryrun") or (mode != "online" and not wandb_logged_in())
+    return mode in ("offline", "dryrun") or (mode != "online" and not wandb_logged_in())
+
+
+def wandb_kwargs(cfg: DictConfig, logger_cfg: DictConfig) -> dict[str, Any]:
+    """Mode, group and tags for ``WandbLogger`` (extra keyword arguments to ``instantiate``).
+
+    The resolved config is not passed here: ``hydra.utils.instantiate`` has a parameter named
+    ``config`` that would swallow it; ``WandbTracking`` writes it into the run instead.
+    """
+    finish_previous_run()
+    kwargs: dict[str, Any] = {"offline": wandb_offline(logger_cfg), "tags": run_tags(cfg, logger_cfg)}
     group = sweep_group(cfg)
     if group:
         kwargs["group"] = group
     return kwargs
+
+
+def run_tags(cfg: DictConfig, logger_cfg: DictConfig | None = None) -> list[str]:
+    """The configured tags plus ``strategy:<name>`` and ``seed:<n>``, without duplicates.
+
+    The configured ones (``tags`` in train.yaml) are stage, model and attention; the strategy and
+    the seed are added here because they are what tells apart the runs of a sweep.
+    """
+    configured = (logger_cfg.get("tags") if logger_cfg is not None else None) or cfg.get("tags") or []
+    tags = [str(t) for t in configured]
+    strategy = cfg.get("strategy")
+    if isinstance(strategy, DictConfig) and strategy.get("name"):
+        tags.append(f"strategy:{strategy.name}")
+    if cfg.get("seed") is not None:
+        tags.append(f"seed:{cfg.seed}")
+    return list(dict.fromkeys(tags))
 
 
 def sweep_group(cfg: DictConfig) -> str | None:
@@ -50,3 +99,127 @@ def sweep_group(cfg: DictConfig) -> str | None:
     if hc.mode != RunMode.MULTIRUN:
         return None
     return f"sweep-{Path(hc.sweep.dir).name}-{cfg.stage.run_name}"
+
+
+def finish_previous_run() -> None:
+    """End a W&B run left open by an earlier job of the same process.
+
+    Hydra's multirun and the Optuna sweeper run their jobs one after another in one process, and
+    Lightning never calls ``wandb.finish()``: without this every job would log into the first
+    job's run (``WandbLogger`` reuses ``wandb.run`` when one is open).
+    """
+    import sys
+
+    wandb = sys.modules.get("wandb")  # not imported yet = no run can be open
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
+def wandb_loggers(trainer: L.Trainer) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+class WandbTracking(L.Callback):
+    """Config, x-axis and sample tables of the W&B run; does nothing without a ``WandbLogger``.
+
+    Args:
+        config: the full resolved run config, written into the run's config at set-up.
+        samples: pretraining continuations logged as ``val/samples`` after each validation.
+        prompt_tokens: tokens of a validation window used as the prompt of a sample.
+        new_tokens: greedy tokens generated per sample.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        samples: int = 4,
+        prompt_tokens: int = 16,
+        new_tokens: int = 32,
+    ) -> None:
+        self.config = config or {}
+        self.samples, self.prompt_tokens, self.new_tokens = samples, prompt_tokens, new_tokens
+        self._defined: set[str] = set()
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in wandb_loggers(trainer):
+            run = logger.experiment  # already created by Lightning before callbacks' setup
+            if self.config:
+                run.config.update(self.config, allow_val_change=True)
+            run.define_metric(TOKENS_AXIS)
+            for pattern in ("train/*", "val/*"):
+                run.define_metric(pattern, step_metric=TOKENS_AXIS, step_sync=True)
+        self.define_metrics(trainer, KNOWN_METRICS)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.define_metrics(trainer, trainer.callback_metrics)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tokens = getattr(pl_module, "tokens_seen", None)
+        if tokens is not None and not trainer.sanity_checking:
+            # In the validation row too, so val curves (W&B and CSV) have their x value.
+            pl_module.log(TOKENS_AXIS, float(tokens), on_step=False, on_epoch=True)
+        if wandb_loggers(trainer) and not trainer.sanity_checking:
+            self.log_samples(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.define_metrics(trainer, trainer.callback_metrics)
+
+    # ------------------------------------------------------------------ pieces
+    def define_metrics(self, trainer: L.Trainer, names: Any) -> None:
+        """Plot each new ``train/*`` / ``val/*`` metric against ``train/tokens_seen``."""
+        new = [
+            str(n)
+            for n in names
+            if str(n).startswith(("train/", "val/")) and n != TOKENS_AXIS and n not in self._defined
+        ]
+        if not new:
+            return
+        for logger in wandb_loggers(trainer):
+            for name in new:
+                logger.experiment.define_metric(name, step_metric=TOKENS_AXIS, step_sync=True)
+        self._defined.update(new)
+
+    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Greedy continuations of the first validation windows, as table ``val/samples``."""
+        rows = pretrain_samples(trainer, pl_module, self.samples, self.prompt_tokens, self.new_tokens)
+        if not rows:
+            return
+        for logger in wandb_loggers(trainer):
+            logger.log_table(key="val/samples", columns=SAMPLE_COLUMNS, data=rows)
+
+
+def pretrain_samples(
+    trainer: L.Trainer, pl_module: L.LightningModule, n: int, prompt_tokens: int, new_tokens: int
+) -> list[list[Any]]:
+    """Rows ``[step, tokens_seen, prompt, continuation]``; empty for stages other than
+    pretraining (SFT, reward and PPO publish their own samples) or without validation data."""
+    if n <= 0 or getattr(pl_module, "stage_name", None) != "pretrain":
+        return []
+    datamodule = getattr(trainer, "datamodule", None)
+    val_set = getattr(datamodule, "val_set", None)
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    model = getattr(pl_module, "model", None)
+    if val_set is None or tokenizer is None or model is None or len(val_set) == 0:
+        return []
+    from llamalab.generation import generate
+
+    prompts = [val_set[i]["input_ids"][:prompt_tokens].tolist() for i in range(min(n, len(val_set)))]
+    out = generate(getattr(model, "_orig_mod", model), prompts, new_tokens, temperature=0.0, top_p=None)
+    step, seen = trainer.global_step, int(getattr(pl_module, "tokens_seen", 0))
+    return [
+        [step, seen, tokenizer.decode(p), tokenizer.decode(t)] for p, t in zip(prompts, out.tokens)
+    ]
+
+
+def tracking_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """``WandbTracking`` with the resolved config when the W&B logger is configured."""
+    loggers = cfg.get("logger") or {}
+    wandb_cfg = loggers.get("wandb") if isinstance(loggers, DictConfig) else None
+    if wandb_cfg is None or "_target_" not in wandb_cfg:
+        return []
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    return [WandbTracking(config={str(k): v for k, v in config.items()})]

@@ -88,6 +88,7 @@ _UNITS = {
     "KIB": 2**10,
     "MIB": 2**20,
     "GIB": 2**30,
+    "TIB": 2**40,
 }
 # Meta's sampling defaults (PAPER.md, "Chat format"), written to generation_config.json.
 _GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from llamalab.checkpoint.hf import load_hf
-from llamalab.checkpoint.io import HEADS, CheckpointError, build_from_state, clean_name
+from llamalab.checkpoint.io import CheckpointError, build_from_state, clean_name, head_of
 from llamalab.checkpoint.meta import load_meta
 from llamalab.model import ConfigError, Llama, LlamaConfig, LlamaScalar
 
@@ -69,9 +69,7 @@ def model_from_training_checkpoint(
         config = LlamaConfig.from_dict(dict(info["model_config"]))
     except ConfigError as err:
         raise CheckpointError(f"{source}: {err}") from err
-    head, prefix = info.get("head", "lm"), info.get("prefix", "model.")
-    if head not in HEADS:
-        raise CheckpointError(f"{source}: head must be one of {sorted(HEADS)}, got {head!r}")
+    prefix = info.get("prefix", "model.")
     weights = checkpoint.get("state_dict")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{source}: no 'state_dict' of tensors")
@@ -82,6 +80,7 @@ def model_from_training_checkpoint(
             state[name[len(prefix) :]] = tensor
     if not state:
         raise CheckpointError(f"{source}: no tensors under the prefix {prefix!r} in state_dict")
+    head = info.get("head") or head_of(state, source)  # recorded, else read from the weights
     return build_from_state(config, head, state, source, device, dtype)
 
 

@@ -138,7 +138,9 @@ def load_meta(
         params, vocab_size=state["tok_embeddings.weight"].shape[0]
     )
     _permute_qk(state, config, to_meta=False)
-    return build_from_state(config, "lm", state, str(root), device, dtype)
+    model = build_from_state(config, "lm", state, str(root), device, dtype)
+    assert isinstance(model, Llama)
+    return model
 
 
 def _check_divisible(config: LlamaConfig, n_shards: int) -> None:

@@ -1,7 +1,7 @@
 """Read users' SFT, preference and prompt data, check every record, normalise it.
 
-Sources (DESIGN.md "Built-in data"): JSON lines (`.jsonl`, or `.json` holding JSON lines or one
-JSON array), `.parquet`, a directory of such files, a `datasets` directory written by
+Sources (DESIGN.md "Built-in data"): JSON lines (`.jsonl`, or `.json` holding JSON lines, one
+JSON array or one object), `.parquet`, a directory of such files, a `datasets` directory written by
 `save_to_disk`, or `hf:NAME[:SPLIT]` for anything `datasets.load_dataset` reads (a local
 directory here, the hub elsewhere). Every problem is a `DataError` naming the file, the 1-based
 line (row for Parquet / `datasets`) and the field, raised before any model is built.
@@ -94,10 +94,24 @@ def _rows_json(path: Path) -> Iterator[tuple[str, int, Row]]:
     if path.suffix == ".json" and data.lstrip()[:1] == b"[":
         yield from _rows_json_array(name, _decode(data, name, 1))
         return
+    if path.suffix == ".json" and data.lstrip()[:1] == b"{":  # maybe one pretty-printed object
+        single = _single_object(data)
+        if single is not None:
+            yield name, 1, single
+            return
     for number, raw in enumerate(data.split(b"\n"), start=1):
         line = _decode(raw, name, number).strip()
         if line:
             yield name, number, _as_object(_parse_json(line, name, number), name, number)
+
+
+def _single_object(data: bytes) -> Row | None:
+    """The object of a `.json` file holding exactly one (else None: read it as JSON lines)."""
+    try:
+        value = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def _decode(raw: bytes, path: str, line: int) -> str:
@@ -218,8 +232,16 @@ def _load_saved(path: Path, split: str | None, spec: str) -> Any:
 
 
 def _rows_dataset(dataset: Any, spec: str) -> Iterator[tuple[str, int, Row]]:
-    for number, row in enumerate(dataset, start=1):
-        yield spec, number, _as_object(row, spec, number)
+    import pyarrow as pa
+
+    number = 0
+    try:
+        for number, row in enumerate(dataset, start=1):
+            yield spec, number, _as_object(row, spec, number)
+    except (pa.ArrowException, OSError, ValueError, EOFError, MemoryError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"unreadable dataset: {err}", path=spec, line=number + 1) from None
 
 
 # ------------------------------------------------------------------------------ field checks

@@ -245,8 +245,9 @@ class SFTDataModule(ResumableDataModule):
         max_len: longest encoded dialog (<= seq_len when packing); longer -> `truncation`.
         truncation: "truncate" (cut at max_len) or "drop".
         num_workers: DataLoader workers.
-        gatt: add the built-in GAtt dialogs (PAPER.md §3.3); `builtin_size`, `gatt_size` size
-            the built-in sets (None = their defaults).
+        gatt: with the built-in data, add the built-in GAtt dialogs (PAPER.md §3.3); a user
+            file brings its own as `{"instruction", "messages"}` records. `builtin_size`,
+            `gatt_size` size the built-in sets (None = their defaults).
         n_val_prompts: how many validation dialogs `val_prompts()` returns.
     """
 

@@ -73,6 +73,13 @@ class LlamaStage(L.LightningModule):
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
+        """The stage's model, initialised; sharded from birth under ZeRO-3 / FSDP
+        (:mod:`llamalab.scale.build`)."""
+        from llamalab.scale.build import build, module_sharding, stage_device, stage_mesh
+
+        mode = module_sharding(self)
+        if mode != "none":
+            return build(self.head, self.arch, mode, stage_mesh(self, mode), stage_device(self, mode))
         cls = Llama if self.head == "lm" else LlamaScalar
         model = cls(self.arch)
         if not any(p.is_meta for p in model.parameters()):
@@ -83,6 +90,12 @@ class LlamaStage(L.LightningModule):
         """Copy ``init`` weights into ``model`` (an LM checkpoint into a scalar model keeps all
         but the head)."""
         if not self.init_path:
+            return
+        from llamalab.scale.build import LazyState, load_weights, module_sharding
+
+        mode = module_sharding(self)
+        if mode != "none":  # ZeRO-3 / FSDP: one module (or shard) at a time
+            load_weights(model, LazyState(self.init_path), mode, f"stage.init={self.init_path}")
             return
         from llamalab.checkpoint import load_backbone_into, load_model, load_state_into
 
@@ -180,9 +193,9 @@ class LlamaStage(L.LightningModule):
     def peak_flops(self) -> float | None:
         if self._peak_flops is None:
             try:
-                from llamalab.perf import peak_flops_for
+                from llamalab.perf import measure_peak_flops
 
-                self._peak_flops = peak_flops_for(self.device, self.dtype_for_peak())
+                self._peak_flops = measure_peak_flops(self.dtype_for_peak(), self.device)
             except Exception:  # noqa: BLE001 - MFU is informative only
                 self._peak_flops = float("nan")
         return self._peak_flops
@@ -227,13 +240,14 @@ class LlamaStage(L.LightningModule):
         assert self.model is not None
         return self.model
 
-    def export(self, path: str | Path) -> Path:
-        """Write the Hugging Face directory (config.json + safetensors + tokenizer)."""
+    def export(self, path: str | Path, model: nn.Module | None = None) -> Path:
+        """Write the Hugging Face directory (config.json + safetensors + tokenizer) of ``model``
+        (default :meth:`export_model`; a sharded run passes the consolidated copy)."""
         from llamalab.checkpoint import save_hf
         from llamalab.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
-        model = self.export_model()
+        model = self.export_model() if model is None else model
         model = getattr(model, "_orig_mod", model)
         save_hf(model, tokenizer, path)
         return Path(path)

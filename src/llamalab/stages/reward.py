@@ -21,13 +21,13 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryPrecision, BinaryRecall
 
 from llamalab.data.preference import pad_rows
@@ -40,6 +40,7 @@ from llamalab.rlhf.losses import (
     reward_centering_loss,
 )
 from llamalab.stages.base import LlamaStage
+from llamalab.tokenizer import E_INST
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def split_pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """``(2B,)`` rewards of a preference batch -> ``(r_chosen (B,), r_rejected (B,))``."""
     if rewards.dim() != 1 or rewards.shape[0] % 2:
         raise ValueError(f"a preference batch has 2B rows, got rewards {tuple(rewards.shape)}")
-    return rewards.chunk(2)
+    r_chosen, r_rejected = rewards.chunk(2)
+    return r_chosen, r_rejected
 
 
 def unsafe_targets(rating: torch.Tensor, is_safety: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,12 @@ def score_token_rows(
         scores = model.score_sequences(ids.to(device), mask.to(device))
         out[torch.tensor(chunk)] = scores.float().cpu()
     return out
+
+
+def split_response(text: str) -> tuple[str, str]:
+    """A decoded chat sequence -> (prompt up to its last ``[/INST]``, the response after it)."""
+    head, tag, response = text.rpartition(E_INST)
+    return (head + tag, response.strip()) if tag else ("", text.strip())
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -130,7 +138,7 @@ class PreferenceMetrics(nn.Module):
         for i, level in enumerate(LEVELS):
             selected = rating == (i if level != UNRATED else -1)
             if selected.any():
-                self.level_accuracy[level].update(correct[selected])
+                self.level_metric(level).update(correct[selected])
         self.reward_chosen.update(r_chosen)
         self.reward_rejected.update(r_rejected)
         self.reward_margin.update(r_chosen - r_rejected)
@@ -152,17 +160,20 @@ class PreferenceMetrics(nn.Module):
             "reward_rejected": self.reward_rejected.compute(),
             "reward_margin": self.reward_margin.compute(),
         }
-        for level, metric in self.level_accuracy.items():
-            if metric.update_called:
-                out[f"accuracy/{level}"] = metric.compute()
+        for level in LEVELS:
+            if self.level_metric(level).update_called:
+                out[f"accuracy/{level}"] = self.level_metric(level).compute()
         if self.safety:
             out["unsafe_precision"] = self.unsafe_precision.compute()
             out["unsafe_recall"] = self.unsafe_recall.compute()
         return out
 
+    def level_metric(self, level: str) -> MeanMetric:
+        return cast(MeanMetric, self.level_accuracy[level])
+
     def reset(self) -> None:
         for metric in self.modules():
-            if metric is not self and hasattr(metric, "reset"):
+            if isinstance(metric, Metric):
                 metric.reset()
 
 
@@ -174,7 +185,9 @@ class WrongPairs:
         self._heap: list[tuple[float, int, dict[str, Any]]] = []  # min-heap on r_r - r_c
         self._seen = 0
 
-    def update(self, batch: dict[str, torch.Tensor], r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> None:
+    def update(
+        self, batch: dict[str, torch.Tensor], r_chosen: torch.Tensor, r_rejected: torch.Tensor
+    ) -> None:
         if self.k <= 0:
             return
         gap = (r_rejected - r_chosen).detach().float().cpu()
@@ -197,22 +210,20 @@ class WrongPairs:
             else:
                 heapq.heapreplace(self._heap, entry)
 
-    def rows(self, decode: Any) -> list[dict[str, Any]]:
+    def rows(self, decode: Callable[[list[int]], str]) -> list[dict[str, Any]]:
         """Most confidently wrong first: prompt, chosen, rejected text, rating, rewards.
 
-        The prompt is the tokens both sequences share (display only: a shared first word of
-        the two answers stays with the prompt)."""
+        Each sequence is decoded whole and split after its last ``[/INST]`` (the chat format's
+        end of the final user turn): the prompt before, the response after."""
         out = []
         for gap, _, item in sorted(self._heap, key=lambda e: -e[0]):
-            chosen, rejected = item["chosen_ids"], item["rejected_ids"]
-            n = 0
-            while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-                n += 1
+            prompt, chosen = split_response(decode(item["chosen_ids"]))
+            rejected = split_response(decode(item["rejected_ids"]))[1]
             out.append(
                 {
-                    "prompt": decode(chosen[:n]),
-                    "chosen": decode(chosen[n:]),
-                    "rejected": decode(rejected[n:]),
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
                     "rating": item["rating"],
                     "reward_chosen": item["reward_chosen"],
                     "reward_rejected": item["reward_rejected"],
@@ -275,7 +286,9 @@ class RewardStage(LlamaStage):
         """One forward over the ``(2B, T)`` batch -> ``(r_chosen (B,), r_rejected (B,))``."""
         return split_pair_rewards(self.rewards(batch["input_ids"], batch["attention_mask"]))
 
-    def loss(self, r_chosen: torch.Tensor, r_rejected: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, r_chosen: torch.Tensor, r_rejected: torch.Tensor, rating: torch.Tensor
+    ) -> torch.Tensor:
         """Ranking loss with the rating's margin, plus the optional centring term."""
         loss = ranking_loss(r_chosen, r_rejected, rating_margins(rating, self.margin))
         if self.centering_coef:
@@ -293,7 +306,9 @@ class RewardStage(LlamaStage):
         self.log("train/accuracy", (margin > 0).float().mean(), on_step=True, on_epoch=False)
         self.log("train/reward_margin", margin.mean(), on_step=True, on_epoch=False)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
-        self.log_throughput(batch["input_ids"].numel(), self.flops_per_token(batch["input_ids"].shape[1]))
+        self.log_throughput(
+            batch["input_ids"].numel(), self.flops_per_token(batch["input_ids"].shape[1])
+        )
         return loss
 
     def flops_per_token(self, seq_len: int) -> float | None:
@@ -321,6 +336,7 @@ class RewardStage(LlamaStage):
         if self._tokenizer is None:
             from llamalab.tokenizer import Tokenizer
 
+            assert self.tokenizer_path is not None
             self._tokenizer = Tokenizer(self.tokenizer_path)
         return self._tokenizer.decode(ids)
 
@@ -329,7 +345,11 @@ class RewardStage(LlamaStage):
         if not self.trainer.is_global_zero or self.tokenizer_path is None:
             return
         rows = self.wrong_pairs.rows(self.decode)
-        path = Path(self.trainer.default_root_dir) / "samples" / f"wrong_pairs_epoch_{self.current_epoch}.jsonl"
+        path = (
+            Path(self.trainer.default_root_dir)
+            / "samples"
+            / f"wrong_pairs_epoch_{self.current_epoch}.jsonl"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         columns = ["prompt", "chosen", "rejected", "rating", "reward_difference"]
@@ -338,4 +358,6 @@ class RewardStage(LlamaStage):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 data = [[row[c] for c in columns] for row in rows]
-                logger.log_table("val/wrong_pairs", columns=columns, data=data, step=self.global_step)
+                logger.log_table(
+                    "val/wrong_pairs", columns=columns, data=data, step=self.global_step
+                )

@@ -95,7 +95,7 @@ class SFTStage(LanguageModelStage):
         room = max(1, self.arch.max_seq_len - self.max_new_tokens)
         encoded = [tokenizer.encode_dialog(p)[-room:] for p in prompts]
         output = generate(
-            self.model,
+            self.model,  # type: ignore[arg-type]  # a Llama (head = "lm"), maybe wrapped
             encoded,
             max_new_tokens=self.max_new_tokens,
             temperature=self.sample_temperature,

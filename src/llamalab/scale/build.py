@@ -1,0 +1,338 @@
+"""Building models sharded from birth, and loading checkpoints into them shard by shard.
+
+Called from the stages' ``configure_model`` (Lightning runs it once per process, before the
+strategy wraps the module). Three modes, read from the trainer's strategy:
+
+- ``"zero3"`` (DeepSpeed stage 3): Lightning runs ``configure_model`` inside
+  ``deepspeed.zero.Init``, so each module's parameters are partitioned as soon as it is built.
+  Initialisation and loading gather one module (a block, the embedding, ...) at a time with
+  ``GatheredParameters(modifier_rank=0)``: rank 0 writes, DeepSpeed re-partitions.
+- ``"fsdp"`` (FSDP2 via ``ModelParallelStrategy``): the model is built on ``meta``, every
+  ``TransformerBlock`` and then the root are ``fully_shard``-ed, each rank materialises its own
+  shard (``to_empty``) and initialises it; loaded tensors are cut to the local shard.
+- ``"none"`` (auto, DDP, ZeRO-2): plain modules.
+
+So no process ever holds a whole model beyond one module, except on the fallback for
+checkpoints other than Hugging Face directories (Meta, ``.ckpt``, ZeRO and distributed
+checkpoints), which are read whole into CPU memory first (documented in docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamalab.checkpoint import CheckpointError, load_model
+from llamalab.model import Llama, LlamaConfig, LlamaScalar
+
+HEADS = {"lm": Llama, "scalar": LlamaScalar}
+HEAD_WEIGHTS = {"lm": "output.weight", "scalar": "score.weight"}
+
+
+# ---------------------------------------------------------------------------- which mode
+def sharding_mode(strategy: Any) -> str:
+    """``"zero3"``, ``"fsdp"`` or ``"none"`` for a Lightning strategy (or None)."""
+    name = type(strategy).__name__
+    if "DeepSpeed" in name and getattr(strategy, "zero_stage_3", False):
+        return "zero3"
+    if name == "ModelParallelStrategy":
+        return "fsdp"
+    return "none"
+
+
+def module_sharding(module: Any) -> str:
+    """The sharding mode of a LightningModule's trainer (``"none"`` without a trainer)."""
+    trainer = getattr(module, "_trainer", None)
+    return "none" if trainer is None else sharding_mode(trainer.strategy)
+
+
+def fsdp_mesh(module: Any) -> Any:
+    """The data-parallel device mesh Lightning's ModelParallelStrategy gives the module."""
+    mesh = module.device_mesh
+    return mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape (ZeRO-3 partitions keep it in ``ds_shape``)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def is_rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+# ---------------------------------------------------------------------------- units
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(prefix, module) pieces gathered one at a time: every direct child, blocks one by one."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            out.extend((f"{name}.{i}.", block) for i, block in enumerate(child))
+        else:
+            out.append((f"{name}.", child))
+    return out
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module, mode: str, modifier_rank: int | None = 0) -> Iterator[None]:
+    """Under ZeRO-3, ``module``'s whole parameters for the duration (rank ``modifier_rank``'s
+    changes are kept); nothing to do in the other modes."""
+    if mode != "zero3":
+        yield
+        return
+    import deepspeed  # type: ignore[import-not-found]
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
+        yield
+
+
+@contextlib.contextmanager
+def outside_zero_init() -> Iterator[None]:
+    """Suspend an active ``deepspeed.zero.Init`` (modules built here stay whole, e.g. a
+    checkpoint read into CPU memory by the fallback loader)."""
+    try:
+        from deepspeed.runtime.zero import partition_parameters as pp  # type: ignore[import-not-found]
+    except ImportError:
+        yield
+        return
+    active = pp.top_level_context is not None
+    if active:
+        pp.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            pp.restore_init_context()
+
+
+# ---------------------------------------------------------------------------- building
+def shard_fsdp(model: nn.Module, mesh: Any) -> nn.Module:
+    """``fully_shard`` each TransformerBlock, then the root (the embedding, norm and head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:  # type: ignore[union-attr]
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def init_weights(model: nn.Module, mode: str) -> None:
+    """``model.init_weights()`` for any mode.
+
+    Under ZeRO-3 a partitioned parameter's ``data`` is an empty tensor, on which the model's
+    in-place initialisers are no-ops: calling ``init_weights`` while one unit is gathered
+    initialises exactly that unit, so the model's own rule is used without a whole copy.
+    """
+    if mode != "zero3":
+        model.init_weights()  # type: ignore[operator]
+        return
+    for _, unit in units(model):
+        if not any(True for _ in unit.parameters()):
+            continue
+        with gathered(unit, mode, modifier_rank=0):
+            if is_rank_zero():
+                model.init_weights()  # type: ignore[operator]
+    model.rope.reset(model.config.max_seq_len)  # type: ignore[union-attr, operator]
+
+
+def build(
+    head: str, config: LlamaConfig, mode: str, mesh: Any = None, device: Any = "cpu"
+) -> Llama | LlamaScalar:
+    """A freshly initialised ``Llama`` / ``LlamaScalar``, sharded per ``mode``."""
+    cls = HEADS[head]
+    if mode == "fsdp":
+        with torch.device("meta"):
+            model = cls(config)
+        shard_fsdp(model, mesh)
+        model.to_empty(device=device)
+    else:
+        model = cls(config)  # under zero.Init (ZeRO-3) it is partitioned module by module
+    init_weights(model, mode)
+    return model
+
+
+# ---------------------------------------------------------------------------- reading
+class LazyState(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors under our names, read one at a time.
+
+    Hugging Face safetensors directories are memory-mapped and each tensor is read when asked
+    for; every other format goes through :func:`llamalab.checkpoint.load_model` (whole, on CPU).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        root = self.path / "export" if (self.path / "export" / "config.json").exists() else self.path
+        self._files: dict[str, Any] = {}
+        self._where: dict[str, tuple[str, str]] = {}
+        self._state: dict[str, torch.Tensor] | None = None
+        if (root / "config.json").exists() and self._open_safetensors(root):
+            cfg = json.loads((root / "config.json").read_text())
+            self.config = LlamaConfig.from_hf_config(cfg)
+            self.head = "scalar" if "SequenceClassification" in str(cfg.get("architectures")) else "lm"
+        else:
+            with outside_zero_init():
+                model = load_model(self.path)
+            self._state = {k: v.detach() for k, v in model.named_parameters()}
+            self.config = model.config
+            self.head = "scalar" if isinstance(model, LlamaScalar) else "lm"
+
+    def _open_safetensors(self, root: Path) -> bool:
+        from safetensors import safe_open
+
+        from llamalab.checkpoint.hf import from_hf_name
+
+        files = sorted(root.glob("*.safetensors"))
+        for file in files:
+            handle = safe_open(str(file), framework="pt", device="cpu")
+            self._files[str(file)] = handle
+            for hf_name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if not hf_name.endswith("rotary_emb.inv_freq"):
+                    self._where[from_hf_name(hf_name)] = (str(file), hf_name)
+        return bool(files)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[name]
+        file, hf_name = self._where[name]
+        return self._files[file].get_tensor(hf_name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state if self._state is not None else self._where)
+
+    def __len__(self) -> int:
+        return len(self._state if self._state is not None else self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._state is not None:
+            return tuple(self._state[name].shape)
+        file, hf_name = self._where[name]
+        return tuple(self._files[file].get_slice(hf_name).get_shape())
+
+
+# ---------------------------------------------------------------------------- loading
+def _expected(model: nn.Module, state: LazyState, source: str) -> set[str]:
+    """The names to load; an LM checkpoint into a scalar model skips the heads (the score head
+    keeps its initialisation, PAPER.md §3.2.2). Raises CheckpointError on any mismatch."""
+    model_head = "scalar" if isinstance(model, LlamaScalar) else "lm"
+    ours = {n: full_shape(p) for n, p in model.named_parameters()}
+    theirs = set(state)
+    if model_head != state.head:
+        if model_head == "lm":
+            raise CheckpointError(f"{source} holds a scalar model, not a language model")
+        ours.pop(HEAD_WEIGHTS["scalar"])
+        theirs.discard(HEAD_WEIGHTS["lm"])
+    problems = [
+        f"tensor {n} has shape {state.shape(n)}, model expects {ours[n]}"
+        for n in sorted(theirs & set(ours))
+        if state.shape(n) != ours[n]
+    ]
+    if set(ours) - theirs:
+        problems.append(f"missing tensors: {sorted(set(ours) - theirs)[:8]}")
+    if theirs - set(ours):
+        problems.append(f"unexpected tensors: {sorted(theirs - set(ours))[:8]}")
+    if problems:
+        raise CheckpointError(f"checkpoint {source}: " + "; ".join(problems))
+    return set(ours)
+
+
+@torch.no_grad()
+def copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter: into its local shard when it is an FSDP2 DTensor
+    (cut on this rank, no communication), else in full (a gathered ZeRO-3 or plain parameter)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = distribute_tensor(
+            tensor.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        ).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(tensor)
+
+
+def load_weights(model: nn.Module, state: LazyState, mode: str, source: str) -> None:
+    """Load ``state`` into ``model`` one unit (a block, the embedding, ...) at a time."""
+    names = _expected(model, state, source)
+    writes = mode != "zero3" or is_rank_zero()  # under ZeRO-3 rank 0 writes, DeepSpeed scatters
+    for prefix, unit in units(model):
+        todo = [(prefix + n, p) for n, p in unit.named_parameters() if prefix + n in names]
+        if not todo:
+            continue
+        with gathered(unit, mode, modifier_rank=0):
+            if writes:
+                for name, param in todo:
+                    copy_into(param, state[name])
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_pretrained(
+    path: str | Path,
+    head: str,
+    mode: str,
+    mesh: Any = None,
+    *,
+    trainable: bool,
+    role: str = "init",
+    device: Any = "cpu",
+) -> Llama | LlamaScalar:
+    """A model of ``head`` built sharded per ``mode`` and loaded from ``path`` shard by shard.
+
+    A reward model (``head="scalar"``, frozen) must come from a scalar checkpoint; a trainable
+    scalar model (the critic) may start from a language model's backbone.
+    """
+    state = LazyState(path)
+    source = f"stage.{role}={path}"
+    if head == "scalar" and state.head == "lm" and not trainable:
+        raise CheckpointError(
+            f"{source} is a language model, not a reward model (scalar head): train one with "
+            f"`python src/train.py stage=reward` and point stage.{role} at it"
+        )
+    model = build(head, state.config, mode, mesh, device)
+    load_weights(model, state, mode, source)
+    if trainable:
+        model.train()
+        return model
+    return freeze(model)
+
+
+def stage_mesh(module: Any, mode: str) -> Any:
+    return fsdp_mesh(module) if mode == "fsdp" else None
+
+
+def stage_device(module: Any, mode: str) -> Any:
+    return module.trainer.strategy.root_device if mode == "fsdp" else "cpu"
+
+
+def load_rlhf_models(module: Any, paths: Mapping[str, str]) -> dict[str, nn.Module]:
+    """PPO's reference, reward models and critic, sharded like the actor (``module`` is the
+    stage; ``paths``: ``reference``, ``helpful``, ``safety``, ``critic``)."""
+    mode = module_sharding(module)
+    kw = {"mode": mode, "mesh": stage_mesh(module, mode), "device": stage_device(module, mode)}
+    return {
+        "reference": build_pretrained(paths["reference"], "lm", trainable=False, role="init", **kw),
+        "rm_helpful": build_pretrained(
+            paths["helpful"], "scalar", trainable=False, role="reward_helpful", **kw
+        ),
+        "rm_safety": build_pretrained(
+            paths["safety"], "scalar", trainable=False, role="reward_safety", **kw
+        ),
+        "critic": build_pretrained(paths["critic"], "scalar", trainable=True, role="critic_init", **kw),
+    }

@@ -1,0 +1,176 @@
+"""Generation (and export) from a sharded model: gather once, or per layer in lockstep.
+
+Under ZeRO-3 (and FSDP) every module's forward all-gathers its parameters and frees them after;
+autoregressive sampling runs the whole model once per token, so a 512-token rollout gathers
+every weight 512 times: the slowness PAPER.md §3.2.3 reports (about 20x) and every RLHF
+codebase met. The paper's fix, for FSDP: consolidate the weights on each GPU once per rollout
+batch, generate, free them. Here:
+
+- :func:`consolidated` builds a plain (unsharded) copy of the model, gathered one unit at a
+  time; generation then runs locally with no communication at all. Also the export's source.
+- :class:`LockstepModel` is the fallback when the copy does not fit: the sharded model itself
+  (DeepSpeed / FSDP gather per module per forward), with every rank doing the same number of
+  forwards, since a rank whose rows all hit EOS early would otherwise leave the others waiting
+  in an all-gather forever (what Hugging Face's ``synced_gpus`` is for).
+- :func:`generation_model` picks one (``gather_for_generation``: auto | always | never); in
+  ``auto`` the copy is used when the whole weights take at most half the free memory, and all
+  ranks agree on the verdict (a collective: both paths must be the same on every rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llamalab.scale.build import (
+    full_numel,
+    gathered,
+    is_rank_zero,
+    outside_zero_init,
+    sharding_mode,
+    units,
+)
+
+GATHER_MODES = ("auto", "always", "never")
+
+
+# ---------------------------------------------------------------------------- the gathered copy
+def unit_state(unit: nn.Module, prefix: str, mode: str, keep: bool) -> dict[str, torch.Tensor]:
+    """One unit's whole parameters (a collective in both sharded modes), cloned when ``keep``."""
+    from torch.distributed.tensor import DTensor
+
+    out: dict[str, torch.Tensor] = {}
+    with gathered(unit, mode, modifier_rank=None):
+        for name, p in unit.named_parameters():
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            if keep:
+                out[prefix + name] = full.detach().clone()
+    return out
+
+
+@contextlib.contextmanager
+def consolidated(model: nn.Module, mode: str, rank0_only: bool = False) -> Iterator[nn.Module | None]:
+    """A plain copy of a ZeRO-3 / FSDP ``model`` (``model`` itself when ``mode="none"``).
+
+    Every rank must enter (the gathers are collectives); with ``rank0_only`` only rank 0 keeps
+    the copy (the export) and the others get None. Peak memory: the copy plus one unit.
+    """
+    if mode == "none":
+        yield model
+        return
+    keep = not rank0_only or is_rank_zero()
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for prefix, unit in units(model):
+            state.update(unit_state(unit, prefix, mode, keep))
+    if not keep:
+        yield None
+        return
+    with outside_zero_init(), torch.device("meta"):
+        copy = type(model)(model.config)  # type: ignore[call-arg]
+    copy.load_state_dict(state, strict=True, assign=True)
+    device = next(iter(state.values())).device
+    copy.rope.reset(model.config.max_seq_len, device=device)  # type: ignore[union-attr, operator]
+    state.clear()
+    try:
+        yield copy.eval()
+    finally:
+        del copy
+
+
+# ---------------------------------------------------------------------------- the fallback
+def _flag_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(value: int, op: Any) -> int:
+    t = torch.tensor([value], device=_flag_device())
+    dist.all_reduce(t, op=op)
+    return int(t.item())
+
+
+class LockstepModel(nn.Module):
+    """The sharded model, made to run the same number of forwards on every rank.
+
+    Each forward first says "I still compute" (an all-reduce); a rank that has finished calls
+    :meth:`finish`, which answers "I do not" and runs dummy one-token forwards (the same
+    gathers) for as long as another rank still computes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self.forwards = 0
+
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _all_reduce(1, dist.ReduceOp.SUM)
+        self.forwards += 1
+        return self.inner(*args, **kwargs)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        device = next(self.inner.parameters()).device
+        dummy = torch.zeros((1, 1), dtype=torch.long, device=device)
+        while _all_reduce(0, dist.ReduceOp.SUM) > 0:
+            self.inner(dummy)
+
+
+# ---------------------------------------------------------------------------- choosing
+def free_memory_bytes() -> int:
+    """Free accelerator memory, or this process's share of the machine's available RAM."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    import os
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return info.get("MemAvailable", info["MemTotal"]) // max(1, local)
+
+
+def full_bytes(model: nn.Module) -> int:
+    """Bytes of the model's whole weights in their dtype (what the copy holds)."""
+    return sum(full_numel(p) * p.element_size() for p in model.parameters())
+
+
+def should_gather(model: nn.Module, how: str, fraction: float = 0.5) -> bool:
+    """The verdict of ``gather_for_generation``, the same on every rank."""
+    if how not in GATHER_MODES:
+        raise ValueError(f"gather_for_generation must be one of {GATHER_MODES}, got {how!r}")
+    if how != "auto":
+        return how == "always"
+    fits = full_bytes(model) <= fraction * free_memory_bytes()
+    if dist.is_initialized():
+        return bool(_all_reduce(int(fits), dist.ReduceOp.MIN))
+    return fits
+
+
+@contextlib.contextmanager
+def generation_model(model: nn.Module, strategy: Any, how: str = "auto") -> Iterator[nn.Module]:
+    """The module to generate with: ``model`` itself (no sharding), its gathered copy, or
+    ``model`` in lockstep (per-layer gathering). Every rank must enter."""
+    mode = sharding_mode(strategy)
+    if mode == "none":
+        yield model
+        return
+    if should_gather(model, how):
+        with consolidated(model, mode) as copy:
+            assert copy is not None
+            yield copy
+        return
+    lockstep = LockstepModel(model)
+    try:
+        yield lockstep
+    finally:
+        lockstep.finish()

@@ -1,0 +1,256 @@
+"""Rejection-sampling fine-tuning (PAPER.md §3.2.3): K answers per prompt from the SFT policy at
+a high temperature, scored by the reward models, the best kept (pooled with earlier iterations'
+best), then SFT on them with the SFT stage's own training step.
+
+Sampling runs once, in ``setup("fit")`` before the optimizer and the schedule exist (the number
+of training batches depends on what was kept). The chosen dialogs are written to
+``<run>/best_samples.jsonl``; a later iteration lists earlier runs in ``pool_from``. Sampling
+seeds derive from ``seed``, so a resumed run chooses the same answers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llamalab.stages.frozen import load_reference, load_reward_model
+from llamalab.stages.policy_eval import evaluate_batch, summarize
+from llamalab.stages.rollout import build_rollout, sample_responses, score_rollout
+from llamalab.stages.sft import SFTStage
+
+SAMPLES_FILE = "best_samples.jsonl"
+
+
+def pick_best(rewards: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+    """Index of the best of K answers per prompt: (N, K) rewards in (0, 1) and EOS flags ->
+    (N,). An answer that ended with EOS beats any answer cut by the length limit; among equals
+    the highest reward wins (the first on a tie)."""
+    return (rewards + 2.0 * finished.float()).argmax(dim=1)
+
+
+@torch.no_grad()
+def best_of_k(
+    policy: nn.Module,
+    reward_helpful: nn.Module,
+    reward_safety: nn.Module,
+    items: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float | None,
+    max_new_tokens: int,
+    generation_batch: int,
+    seed: int,
+    safety_threshold: float,
+) -> list[dict[str, Any]]:
+    """For each prompt item, the best of ``num_samples`` answers under Rc (PAPER.md §3.2.3).
+
+    An answer that ended with EOS always beats one cut by the length limit (fine-tuning on a
+    cut answer would teach the model to ramble). Returns ``{"index", "response", "reward",
+    "helpful", "safety", "mean_reward", "finished"}`` per item, in order.
+    """
+    device = next(policy.parameters()).device
+    per_call = max(1, generation_batch // num_samples)  # prompts per chunk, K answers each
+    chosen = []
+    for start in range(0, len(items), per_call):
+        chunk = items[start : start + per_call]
+        prompts = [item["prompt_ids"] for item in chunk for _ in range(num_samples)]
+        generated = sample_responses(
+            policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+            seed=seed + 7_919 * start, chunk_size=len(prompts),
+        )  # fmt: skip
+        rollout = build_rollout(prompts, generated, tokenizer.pad_id, device)
+        is_safety = torch.tensor([item["is_safety"] for item in chunk for _ in range(num_samples)])
+        scores = score_rollout(
+            reward_helpful, reward_safety, rollout, is_safety, generation_batch, safety_threshold
+        )
+        rc = scores.combined.view(len(chunk), num_samples)
+        best = pick_best(rc, rollout.finished.view(len(chunk), num_samples))
+        for i, item in enumerate(chunk):
+            j = i * num_samples + int(best[i])
+            chosen.append({
+                "index": int(item["index"]),
+                "response": tokenizer.decode(generated.tokens[j]),
+                "reward": float(scores.combined[j]),
+                "helpful": float(torch.sigmoid(scores.helpful_raw[j])),
+                "safety": float(torch.sigmoid(scores.safety_raw[j])),
+                "mean_reward": float(rc[i].mean()),
+                "finished": bool(generated.finished[j]),
+            })  # fmt: skip
+    return chosen
+
+
+def read_pool(paths: list[str]) -> list[dict[str, Any]]:
+    """Chosen dialogs of earlier iterations: each path a ``best_samples.jsonl`` or a run
+    directory (or its ``latest`` link) holding one."""
+    rows = []
+    for path in paths:
+        p = Path(path)
+        file = p / SAMPLES_FILE if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"stage.pool_from: {path} has no {SAMPLES_FILE} (a rejection-sampling run writes it)"
+            )
+        rows += [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def pool_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One dialog per prompt: the highest reward over every iteration (PAPER.md §3.2.3)."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = json.dumps(row["messages"][:-1], sort_keys=True)
+        if key not in best or row["reward"] > best[key]["reward"]:
+            best[key] = row
+    return list(best.values())
+
+
+class RejectionSamplingStage(SFTStage):
+    """SFT on the best of K sampled answers (data: ``RejectionSamplingDataModule``)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        reward_helpful: str | None = None,
+        reward_safety: str | None = None,
+        num_samples: int = 10,
+        temperature: float = 1.2,
+        top_p: float = 1.0,
+        max_new_tokens: int = 512,
+        generation_batch: int = 64,
+        max_prompts: int | None = None,
+        pool_from: list[str] | str | None = None,
+        safety_threshold: float = 0.15,
+        eval_max_new_tokens: int | None = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("sample_generations", 0)
+        super().__init__(*args, max_new_tokens=max_new_tokens, **kwargs)
+        if num_samples < 1:
+            raise ValueError(f"stage.num_samples must be >= 1, got {num_samples}")
+        self.paths = {"helpful": reward_helpful, "safety": reward_safety}
+        self.sampling = dict(
+            num_samples=num_samples, temperature=temperature,
+            top_p=None if top_p >= 1.0 else top_p, max_new_tokens=max_new_tokens,
+            generation_batch=generation_batch, safety_threshold=safety_threshold,
+        )  # fmt: skip
+        self.max_prompts = max_prompts
+        self.pool_from = [pool_from] if isinstance(pool_from, str) else list(pool_from or [])
+        self.eval_max_new_tokens = eval_max_new_tokens or max_new_tokens
+        self.seed = seed
+        self.frozen: dict[str, nn.Module] = {}  # not submodules: never trained or checkpointed
+        self.dialogs: list[dict[str, Any]] | None = None
+        self._eval_samples: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ sampling
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.dialogs is not None:
+            return
+        datamodule = self.trainer.datamodule
+        self.load_frozen(self.trainer.strategy.root_device)
+        t0 = time.perf_counter()
+        chosen = self.sample_shard(datamodule)
+        records = datamodule.records("train")
+        dialogs = [self.as_dialog(records[c["index"]], c) for c in chosen]
+        dialogs = self.gather(dialogs)
+        if self.pool_from:
+            dialogs = pool_best(dialogs + read_pool(self.pool_from))
+        self.dialogs = dialogs
+        summary = datamodule.set_dialogs(dialogs)
+        self.report_sampling(chosen, summary, time.perf_counter() - t0)
+
+    def load_frozen(self, device: torch.device) -> None:
+        """The sampling policy (``init``, also the KL reference) and the two reward models."""
+        if self.frozen:
+            return
+        if not (self.init_path and self.paths["helpful"] and self.paths["safety"]):
+            raise ValueError("rejection sampling needs stage.init, reward_helpful and reward_safety")
+        self.frozen = {
+            "policy": load_reference(self.init_path).to(device),
+            "helpful": load_reward_model(self.paths["helpful"], "reward_helpful").to(device),
+            "safety": load_reward_model(self.paths["safety"], "reward_safety").to(device),
+        }
+
+    def sample_shard(self, datamodule: Any) -> list[dict[str, Any]]:
+        """Best-of-K over this rank's share of the training prompts."""
+        items = datamodule.prompt_items("train")[: self.max_prompts]
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        return best_of_k(
+            self.frozen["policy"], self.frozen["helpful"], self.frozen["safety"],
+            items[rank::world], datamodule.tokenizer, seed=self.seed + 104_729 * rank,
+            **self.sampling,
+        )  # fmt: skip
+
+    @staticmethod
+    def as_dialog(record: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
+        messages = [*record["prompt"], {"role": "assistant", "content": chosen["response"]}]
+        return {"messages": messages, **{k: chosen[k] for k in ("reward", "helpful", "safety")}}
+
+    def gather(self, dialogs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every rank's chosen dialogs, through files in the run directory; rank 0's file
+        ``best_samples.jsonl`` holds them all."""
+        out = Path(self.trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        strategy, rank = self.trainer.strategy, self.trainer.global_rank
+        shard = out / f"{SAMPLES_FILE}.rank{rank}"
+        shard.write_text("".join(json.dumps(d) + "\n" for d in dialogs))
+        strategy.barrier("rejection-sampling-gather")
+        everything = []
+        for r in range(self.trainer.world_size):
+            everything += read_pool([str(out / f"{SAMPLES_FILE}.rank{r}")])
+        strategy.barrier("rejection-sampling-read")
+        shard.unlink()
+        if rank == 0:
+            (out / SAMPLES_FILE).write_text("".join(json.dumps(d) + "\n" for d in everything))
+        return everything
+
+    def report_sampling(
+        self, chosen: list[dict[str, Any]], summary: dict[str, int], seconds: float
+    ) -> None:
+        """Best vs mean reward of the K samples (the gain of rejection sampling), to the logs."""
+        n = max(1, len(chosen))
+        stats = {
+            "rs/best_reward": sum(c["reward"] for c in chosen) / n,
+            "rs/mean_reward": sum(c["mean_reward"] for c in chosen) / n,
+            "rs/best_eos_rate": sum(c["finished"] for c in chosen) / n,
+            "rs/dialogs": float(len(self.dialogs or [])),
+            "rs/rows": float(summary["rows"]),
+            "time/sampling_s": seconds,
+        }
+        for logger in self.loggers:
+            logger.log_metrics(stats, step=0)
+            if hasattr(logger, "log_table") and self.trainer.is_global_zero:
+                rows = [[c["index"], c["response"], c["reward"], c["mean_reward"]] for c in chosen[:16]]
+                logger.log_table(key="rs/best", columns=["index", "response", "reward", "mean_reward"], data=rows)
+
+    # ------------------------------------------------------------------ held-out evaluation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Judge greedy answers to held-out prompts (batches of ``PromptDataModule``)."""
+        assert self.model is not None
+        self.load_frozen(self.device)
+        tokenizer = self.trainer.datamodule.tokenizer
+        samples = evaluate_batch(
+            self.model, batch["prompt_ids"], batch["is_safety"], tokenizer,
+            self.frozen["helpful"], self.frozen["safety"], self.frozen["policy"],
+            max_new_tokens=self.eval_max_new_tokens, chunk_size=self.sampling["generation_batch"],
+            seed=self.seed + batch_idx, safety_threshold=self.sampling["safety_threshold"],
+        )  # fmt: skip
+        for sample, index in zip(samples, batch["index"].tolist()):
+            self._eval_samples.append({**sample, "index": index})
+
+    def on_validation_epoch_end(self) -> None:
+        samples, self._eval_samples = self._eval_samples, []
+        if not samples:
+            return
+        datamodule = self.trainer.datamodule
+        records = [datamodule.records("val")[s["index"]] for s in samples]
+        metrics = summarize(samples, records)
+        self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, sync_dist=True)
