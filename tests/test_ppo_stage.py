@@ -48,30 +48,47 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def ppo_overrides(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
-        "stage=ppo", "logger=none", "callbacks=none", "plan.check=false",
-        f"paths.output_dir={out}", f"paths.outputs_root={out.parent / 'outs'}",
-        f"stage.init={world['sft']}", f"stage.critic_init={world['rm']}",
-        f"stage.reward_helpful={world['rm']}", f"stage.reward_safety={world['rm']}",
-        "stage.rollout_batch=16", "stage.mini_batch=8", "stage.max_new_tokens=8",
-        "stage.generation_batch=16", "stage.eval_max_new_tokens=8", *extra,
-    ]  # fmt: skip
+        "stage=ppo",
+        "logger=none",
+        "callbacks=none",
+        "plan.check=false",
+        f"paths.output_dir={out}",
+        f"paths.outputs_root={out.parent / 'outs'}",
+        f"stage.init={world['sft']}",
+        f"stage.critic_init={world['rm']}",
+        f"stage.reward_helpful={world['rm']}",
+        f"stage.reward_safety={world['rm']}",
+        "stage.rollout_batch=16",
+        "stage.mini_batch=8",
+        "stage.max_new_tokens=8",
+        "stage.generation_batch=16",
+        "stage.eval_max_new_tokens=8",
+        "stage.ppo_epochs=1",
+        *extra,
+    ]
 
 
 def make_stage(world: dict[str, Path], **kwargs: object) -> PPOStage:
     config = tiny_config(Tokenizer(world["tokenizer"]).vocab_size)
     stage = PPOStage(
-        arch=config.to_dict(), optim={"lr": 1e-3, "weight_decay": 0.1},
-        init=str(world["sft"]), critic_init=str(world["rm"]), reward_helpful=str(world["rm"]),
-        reward_safety=str(world["rm"]), tokenizer_path=str(world["tokenizer"]),
+        arch=config.to_dict(),
+        optim={"lr": 1e-3, "weight_decay": 0.1},
+        init=str(world["sft"]),
+        critic_init=str(world["rm"]),
+        reward_helpful=str(world["rm"]),
+        reward_safety=str(world["rm"]),
+        tokenizer_path=str(world["tokenizer"]),
         **kwargs,
-    )  # fmt: skip
+    )
     stage.configure_model()
     return stage
 
 
 # ---------------------------------------------------------------------------- rollout layout
 def test_build_rollout_left_pads_prompts_and_right_pads_responses() -> None:
-    generated = GenerationOutput([[7, 2], [8, 9, 10]], [[-1.0, -2.0], [-3.0, -4.0, -5.0]], [True, False])
+    generated = GenerationOutput(
+        [[7, 2], [8, 9, 10]], [[-1.0, -2.0], [-3.0, -4.0, -5.0]], [True, False]
+    )
     r = build_rollout([[1, 5, 6], [1, 4]], generated, pad_id=0)
     assert r.prompt_width == 3
     assert r.input_ids.tolist() == [[1, 5, 6, 7, 2, 0], [0, 1, 4, 8, 9, 10]]
@@ -88,13 +105,22 @@ def test_recomputed_logprobs_match_the_sampler() -> None:
     """The batched forward over the padded rollout scores each token exactly as the KV-cache
     sampler did: the columns line up and padding does not leak."""
     torch.manual_seed(0)
-    model = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16))
+    model = Llama(
+        LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16)
+    )
     model.init_weights()
     prompts = [[1, 5, 6, 7, 8], [1, 9], [1, 3, 4]]
     out = sample_responses(
-        model, prompts, max_new_tokens=6, temperature=1.0, top_p=None, eos_id=2, pad_id=0,
-        seed=3, chunk_size=2,
-    )  # fmt: skip
+        model,
+        prompts,
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=None,
+        eos_id=2,
+        pad_id=0,
+        seed=3,
+        chunk_size=2,
+    )
     rollout = build_rollout(prompts, out, pad_id=0)
     recomputed = response_logprobs(model, rollout)
     assert torch.allclose(recomputed, rollout.gen_logprobs, atol=1e-4)
@@ -124,9 +150,16 @@ def test_values_and_scores_read_the_right_positions() -> None:
 
 # ---------------------------------------------------------------------------- settings
 def test_trainer_overrides_count_optimizer_steps() -> None:
-    stage = PPOStage(arch=tiny_config(64).to_dict(), optim={"lr": 1e-3, "weight_decay": 0.1},
-                     iterations=5, rollout_batch=20, mini_batch=8, ppo_epochs=2, eval_every=2,
-                     eval_prompts=30)  # fmt: skip
+    stage = PPOStage(
+        arch=tiny_config(64).to_dict(),
+        optim={"lr": 1e-3, "weight_decay": 0.1},
+        iterations=5,
+        rollout_batch=20,
+        mini_batch=8,
+        ppo_epochs=2,
+        eval_every=2,
+        eval_prompts=30,
+    )
     assert stage.cfg.steps_per_iteration == 2 * 3  # ceil(20 / 8) mini-batches, twice
     out = stage.trainer_overrides({"max_steps": -1})
     assert out["max_steps"] == 30 and out["max_epochs"] == -1
@@ -152,7 +185,9 @@ def test_seeds_differ_by_iteration_and_rank() -> None:
 def test_configure_model_builds_five_models(world: dict[str, Path]) -> None:
     stage = make_stage(world)
     assert isinstance(stage.actor, Llama) and isinstance(stage.reference, Llama)
-    assert all(isinstance(m, LlamaScalar) for m in (stage.critic, stage.rm_helpful, stage.rm_safety))
+    assert all(
+        isinstance(m, LlamaScalar) for m in (stage.critic, stage.rm_helpful, stage.rm_safety)
+    )
     assert all(p.requires_grad for p in stage.actor.parameters())
     assert all(p.requires_grad for p in stage.critic.parameters())
     for frozen in (stage.reference, stage.rm_helpful, stage.rm_safety):
@@ -162,7 +197,9 @@ def test_configure_model_builds_five_models(world: dict[str, Path]) -> None:
     lrs = sorted({g["lr"] for g in optimizer.param_groups})
     assert lrs == [1e-3]  # critic_lr defaults to the actor's
     n_trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
-    assert n_trainable == sum(p.numel() for p in [*stage.actor.parameters(), *stage.critic.parameters()])
+    assert n_trainable == sum(
+        p.numel() for p in [*stage.actor.parameters(), *stage.critic.parameters()]
+    )
 
 
 def test_two_learning_rates_in_one_optimizer(world: dict[str, Path]) -> None:
@@ -181,19 +218,29 @@ def test_vocabulary_mismatch_is_a_clear_error(world: dict[str, Path], tmp_path: 
     other.init_weights()
     save_hf(other, None, tmp_path / "rm_other")
     config = tiny_config(Tokenizer(world["tokenizer"]).vocab_size)
-    stage = PPOStage(arch=config.to_dict(), optim={"lr": 1e-3, "weight_decay": 0.1},
-                     init=str(world["sft"]), critic_init=str(world["rm"]),
-                     reward_helpful=str(world["rm"]), reward_safety=str(tmp_path / "rm_other"))  # fmt: skip
-    with pytest.raises(CheckpointError, match="vocabulary.*reward_safety: 520"):
+    stage = PPOStage(
+        arch=config.to_dict(),
+        optim={"lr": 1e-3, "weight_decay": 0.1},
+        init=str(world["sft"]),
+        critic_init=str(world["rm"]),
+        reward_helpful=str(world["rm"]),
+        reward_safety=str(tmp_path / "rm_other"),
+    )
+    with pytest.raises(CheckpointError, match=r"vocabulary.*reward_safety: 520"):
         stage.configure_model()
 
 
 def test_a_language_model_as_reward_model_is_refused(world: dict[str, Path]) -> None:
     config = tiny_config(Tokenizer(world["tokenizer"]).vocab_size)
-    stage = PPOStage(arch=config.to_dict(), optim={"lr": 1e-3, "weight_decay": 0.1},
-                     init=str(world["sft"]), critic_init=str(world["sft"]),
-                     reward_helpful=str(world["sft"]), reward_safety=str(world["rm"]))  # fmt: skip
-    with pytest.raises(CheckpointError, match="stage.reward_helpful=.*not a reward model"):
+    stage = PPOStage(
+        arch=config.to_dict(),
+        optim={"lr": 1e-3, "weight_decay": 0.1},
+        init=str(world["sft"]),
+        critic_init=str(world["sft"]),
+        reward_helpful=str(world["sft"]),
+        reward_safety=str(world["rm"]),
+    )
+    with pytest.raises(CheckpointError, match=r"stage.reward_helpful=.*not a reward model"):
         stage.configure_model()
 
 
@@ -224,7 +271,10 @@ def test_checkpoint_keeps_ppo_state_and_drops_frozen_models(world: dict[str, Pat
     fresh.load_state_dict(checkpoint["state_dict"], strict=True)  # frozen weights put back
     assert fresh.iteration == 7 and fresh.kl_ctl.value == pytest.approx(stage.kl_ctl.value)
     assert fresh.kl_ctl.value != 0.05
-    assert fresh.reward_moments["combined"].state_dict() == stage.reward_moments["combined"].state_dict()
+    assert (
+        fresh.reward_moments["combined"].state_dict()
+        == stage.reward_moments["combined"].state_dict()
+    )
     assert fresh.eval_state == {"best": 0.5, "bad_evals": 1}
 
 
@@ -244,7 +294,9 @@ def test_ppo_checkpoint_loads_as_the_actor(world: dict[str, Path], tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------- through train.py
-def test_missing_inputs_are_found_before_anything_is_built(tmp_path: Path, world: dict[str, Path]) -> None:
+def test_missing_inputs_are_found_before_anything_is_built(
+    tmp_path: Path, world: dict[str, Path]
+) -> None:
     """The composed stage=ppo config, checked as run.train checks it: each missing input is
     named with the command that produces it; present ones pass."""
     from hydra import compose, initialize_config_dir
@@ -252,9 +304,17 @@ def test_missing_inputs_are_found_before_anything_is_built(tmp_path: Path, world
     from llamalab.run import MissingInputError, check_inputs, register_resolvers
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(Path(__file__).parents[1] / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["stage=ppo", f"paths.outputs_root={tmp_path}",
-                                          f"stage.reward_safety={world['rm']}"])  # fmt: skip
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).parents[1] / "configs"), version_base="1.3"
+    ):
+        cfg = compose(
+            "train",
+            overrides=[
+                "stage=ppo",
+                f"paths.outputs_root={tmp_path}",
+                f"stage.reward_safety={world['rm']}",
+            ],
+        )
     with pytest.raises(MissingInputError) as err:
         check_inputs(cfg)
     message = str(err.value)
@@ -267,10 +327,14 @@ def test_missing_inputs_are_found_before_anything_is_built(tmp_path: Path, world
 @pytest.mark.slow
 def test_missing_inputs_stop_at_once_naming_the_command(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(
-        ["stage=ppo", "logger=none", f"paths.outputs_root={tmp_path / 'empty'}",
-         f"paths.output_dir={tmp_path / 'run'}"],
+        [
+            "stage=ppo",
+            "logger=none",
+            f"paths.outputs_root={tmp_path / 'empty'}",
+            f"paths.output_dir={tmp_path / 'run'}",
+        ],
         cache_dir,
-    )  # fmt: skip
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     message = result.stderr
     assert "stage=ppo cannot start" in message
@@ -286,18 +350,39 @@ def test_a_few_iterations_log_everything_and_export_the_actor(
 ) -> None:
     out = tmp_path / "run"
     result = run_train(
-        ppo_overrides(world, out, "stage.iterations=3", "stage.eval_every=3", "stage.eval_prompts=16",
-                      "callbacks=default", "callbacks.model_checkpoint.every_n_train_steps=6",
-                      "~callbacks.progress_bar"),
+        ppo_overrides(
+            world,
+            out,
+            "stage.iterations=3",
+            "stage.eval_every=3",
+            "stage.eval_prompts=16",
+            "callbacks=default",
+            "callbacks.model_checkpoint.every_n_train_steps=6",
+            "~callbacks.progress_bar",
+        ),
         cache_dir,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
-    for key in ("train/reward_raw_helpful", "train/reward_whitened_helpful", "train/reward_raw_safety",
-                "train/kl", "train/entropy", "train/clipfrac", "train/approx_kl",
-                "train/value_loss", "train/explained_variance", "train/response_length",
-                "train/eos_rate", "time/generate_s", "time/train_s", "eval/reward",
-                "eval/ground_truth", "eval/kl_to_ref", "eval/refusal_rate_harmful"):  # fmt: skip
+    for key in (
+        "train/reward_raw_helpful",
+        "train/reward_whitened_helpful",
+        "train/reward_raw_safety",
+        "train/kl",
+        "train/entropy",
+        "train/clipfrac",
+        "train/approx_kl",
+        "train/value_loss",
+        "train/explained_variance",
+        "train/response_length",
+        "train/eos_rate",
+        "time/generate_s",
+        "time/train_s",
+        "eval/reward",
+        "eval/ground_truth",
+        "eval/kl_to_ref",
+        "eval/refusal_rate_harmful",
+    ):
         assert series(rows, key), f"{key} was not logged"
     assert len(series(rows, "train/kl")) == 3  # one row per iteration
     assert max(r["step"] for r in rows) <= 6  # 3 iterations x 2 mini-batches = 6 optimizer steps
@@ -316,19 +401,29 @@ def test_a_few_iterations_log_everything_and_export_the_actor(
 def test_reward_rises_while_kl_stays_bounded(
     world: dict[str, Path], tmp_path: Path, cache_dir: Path
 ) -> None:
-    """30 iterations against the good-token reward model (see _helpers_rlhf)."""
+    """20 iterations against the good-token reward model (see _helpers_rlhf): its raw score
+    (the sigmoid saturates near 1 for this model) must rise clearly, the KL stay bounded."""
     out = tmp_path / "run"
     result = run_train(
-        ppo_overrides(world, out, "stage.iterations=30", "stage.eval_every=null",
-                      "stage.rollout_batch=32", "stage.mini_batch=16", "stage.optim.lr=3e-3",
-                      "stage.optim.critic_lr=3e-3", "stage.kl_coef=0.02", "stage.max_new_tokens=12"),
+        ppo_overrides(
+            world,
+            out,
+            "stage.iterations=20",
+            "stage.eval_every=null",
+            "stage.rollout_batch=32",
+            "stage.mini_batch=16",
+            "stage.optim.lr=3e-3",
+            "stage.optim.critic_lr=3e-3",
+            "stage.kl_coef=0.05",
+            "stage.max_new_tokens=12",
+        ),
         cache_dir,
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
-    reward = series(rows, "train/reward_combined")
+    reward = series(rows, "train/reward_raw_helpful")
     kl = series(rows, "train/kl")
-    assert len(reward) == 30
+    assert len(reward) == 20
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
-    assert last > first + 0.02, reward
+    assert last > first + 0.3, reward
     assert all(math.isfinite(k) for k in kl) and max(kl) < 10.0, kl

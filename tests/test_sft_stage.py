@@ -241,18 +241,18 @@ def test_sft_with_gatt_trains_end_to_end(
     result = _train(args, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "config.json").is_file()
-    assert "'gatt': True" in result.stdout + result.stderr or "gatt: true" in result.stdout
+    assert "gatt: true" in result.stdout  # the printed config: the option reached the data
 
 
 @pytest.mark.slow
-def test_malformed_sft_line_stops_with_file_and_line(cache_dir: Path, tmp_path: Path) -> None:
-    good = {
-        "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    }
+def test_malformed_sft_line_stops_with_file_and_line(
+    pretrained_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     path = tmp_path / "dialogs.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"messages": [\n')
-    args = ["stage=sft", "stage.init=null", f"data.path={path}", f"paths.output_dir={tmp_path}/run"]
-    result = _train([*QUICK, *args], cache_dir, timeout=300)
+    args = ["stage=sft", f"stage.init={pretrained_root}/pretrain/latest", f"data.path={path}"]
+    result = _train([*QUICK, *args, f"paths.output_dir={tmp_path}/run"], cache_dir, timeout=300)
     assert result.returncode != 0
     assert f"{path}:3" in result.stderr
     assert "Traceback" not in result.stderr

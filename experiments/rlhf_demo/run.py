@@ -36,13 +36,20 @@ QUICK = {
     "reward_helpful": ["trainer.max_steps=3", "+trainer.limit_val_batches=1"],
     "reward_safety": ["trainer.max_steps=3", "+trainer.limit_val_batches=1"],
     "rejection_sampling": [
-        "stage.max_prompts=8", "stage.num_samples=2", "stage.max_new_tokens=8",
-        "trainer.max_steps=2", "+trainer.limit_val_batches=1",
-    ],  # fmt: skip
+        "stage.max_prompts=8",
+        "stage.num_samples=2",
+        "stage.max_new_tokens=8",
+        "trainer.max_steps=2",
+        "+trainer.limit_val_batches=1",
+    ],
     "ppo": [
-        "stage.iterations=2", "stage.rollout_batch=8", "stage.mini_batch=4",
-        "stage.max_new_tokens=8", "stage.eval_every=2", "stage.eval_prompts=8",
-    ],  # fmt: skip
+        "stage.iterations=2",
+        "stage.rollout_batch=8",
+        "stage.mini_batch=4",
+        "stage.max_new_tokens=8",
+        "stage.eval_every=2",
+        "stage.eval_prompts=8",
+    ],
 }
 POLICIES = {"sft": "sft", "rejection_sampling": "rejection_sampling", "ppo": "ppo"}
 METRICS = ("ground_truth", "reward_helpful", "reward_safety", "kl_to_sft")
@@ -51,10 +58,15 @@ METRICS = ("ground_truth", "reward_helpful", "reward_safety", "kl_to_sft")
 def run_stage(name: str, overrides: list[str], outputs: Path, seed: int, args: Any) -> float:
     """Run one stage as a user would; returns its wall time in seconds."""
     command = [
-        sys.executable, str(REPO / "src" / "train.py"), *overrides,
-        f"paths.outputs_root={outputs}", f"seed={seed}", "plan.check=false",
-        *([] if args.wandb else ["logger=none"]), *(QUICK[name] if args.quick else []),
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        *overrides,
+        f"paths.outputs_root={outputs}",
+        f"seed={seed}",
+        "plan.check=false",
+        *([] if args.wandb else ["logger=none"]),
+        *(QUICK[name] if args.quick else []),
+    ]
     env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
     log_file = outputs.parent / "logs" / f"{name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -85,7 +97,9 @@ def evaluate(outputs: Path, seed: int, quick: bool) -> dict[str, dict[str, float
     items = data.datasets["val"].items[: 16 if quick else None]
     records = data.records("val")
     reference = load_model(sft_dir)
-    rms = {k: load_model(outputs / f"reward_{k}" / "latest" / "export") for k in ("helpful", "safety")}
+    rms = {
+        k: load_model(outputs / f"reward_{k}" / "latest" / "export") for k in ("helpful", "safety")
+    }
     results = {}
     for name, folder in POLICIES.items():
         policy = load_model(outputs / folder / "latest" / "export")
@@ -93,11 +107,18 @@ def evaluate(outputs: Path, seed: int, quick: bool) -> dict[str, dict[str, float
         for start in range(0, len(items), 64):
             batch = items[start : start + 64]
             samples += evaluate_batch(
-                policy, [b["prompt_ids"] for b in batch],
-                torch.tensor([b["is_safety"] for b in batch]), data.tokenizer,
-                rms["helpful"], rms["safety"], reference, max_new_tokens=64, chunk_size=64,
-                seed=seed + start, safety_threshold=0.15,
-            )  # fmt: skip
+                policy,
+                [b["prompt_ids"] for b in batch],
+                torch.tensor([b["is_safety"] for b in batch]),
+                data.tokenizer,
+                rms["helpful"],
+                rms["safety"],
+                reference,
+                max_new_tokens=64,
+                chunk_size=64,
+                seed=seed + start,
+                safety_threshold=0.15,
+            )
         metrics = summarize(samples, [records[b["index"]] for b in items])
         metrics["kl_to_sft"] = metrics.pop("kl_to_ref")
         results[name] = metrics
@@ -138,7 +159,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="everything is written here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
-    parser.add_argument("--reuse", action="store_true", help="skip stages already finished in --out")
+    parser.add_argument(
+        "--reuse", action="store_true", help="skip stages already finished in --out"
+    )
     parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline by default)")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -161,7 +184,9 @@ def main() -> None:
     results["quick"] = args.quick
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
-    print(f"[rlhf_demo] seed {args.seed}: {results['seconds']:.0f} s; results in {out / 'results.json'}")
+    print(
+        f"[rlhf_demo] seed {args.seed}: {results['seconds']:.0f} s; results in {out / 'results.json'}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,14 +1,234 @@
-"""Callbacks every run gets, whatever `callbacks=` says."""
+"""Callbacks every run gets, whatever ``callbacks=`` says: W&B tracking, a checkpoint on
+preemption, and the RNG states carried in every checkpoint (exact resume)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import random
+import signal
+import threading
+from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig
+
+log = logging.getLogger("llamalab")
+
+# Debug/test hook: act as if SIGTERM arrived during optimizer step N (a deterministic way to
+# practise a preemption and its resume; the schedule is unchanged, unlike trainer.max_steps=N).
+PREEMPT_AT_STEP_ENV = "LLAMALAB_PREEMPT_AT_STEP"
 
 
 def default_callbacks(cfg: DictConfig) -> list[Any]:
-    """W&B tracking (resolved config, tokens-seen x-axis, sample tables) when W&B is configured."""
+    """W&B tracking (when W&B is configured), :class:`PreemptionCheckpoint` into
+    ``<run dir>/checkpoints`` and :class:`RNGStateCheckpoint`."""
+    from llamalab.run import output_dir
     from llamalab.tracking import tracking_callbacks
 
-    return [*tracking_callbacks(cfg)]
+    return [
+        *tracking_callbacks(cfg),
+        PreemptionCheckpoint(output_dir() / "checkpoints"),
+        RNGStateCheckpoint(),
+    ]
+
+
+# ---------------------------------------------------------------------------- preemption
+def _accumulating(trainer: L.Trainer) -> bool:
+    """True when the batch that just ended did not finish an optimizer step (its gradients
+    would be lost by a checkpoint taken now)."""
+    loop = trainer.fit_loop.epoch_loop
+    should = getattr(loop, "_should_accumulate", None)
+    return (
+        bool(should())
+        if callable(should) and trainer.lightning_module.automatic_optimization
+        else False
+    )
+
+
+def _slurm_requeue(trainer: L.Trainer) -> bool:
+    """Lightning handles SIGUSR1 itself on SLURM with auto-requeue (hpc checkpoint + requeue)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment
+    return isinstance(env, SLURMEnvironment) and bool(env.auto_requeue)
+
+
+class PreemptionCheckpoint(Callback):
+    """On SIGTERM or SIGUSR1: finish the current step, save ``<dirpath>/last.ckpt`` through the
+    trainer (weights, optimizer, schedule, loops, data position, RNG states, stage state), and
+    stop. :func:`llamalab.reliability.fit` then exits with ``128 + signal``; the next launch
+    with the same ``paths.output_dir`` and ``ckpt_path=last`` (or ``auto``) continues.
+
+    - The save waits for an optimizer-step boundary: mid gradient accumulation, the gradients
+      of the accumulated micro-batches are not in any checkpoint.
+    - Under several ranks the decision is reduced over ranks at every batch end, so all ranks
+      save the same step together (a signal that reaches one rank is enough).
+    - Lightning raises ``SIGTERMException`` at the next batch on SIGTERM; the flag is cleared
+      once this callback has taken over. If Lightning raises first (a signal during
+      validation), a single-process run still saves in ``on_exception``.
+    - On SLURM with auto-requeue, SIGUSR1 stays Lightning's (``hpc_ckpt_N.ckpt``, requeue);
+      ``ckpt_path=auto`` finds that checkpoint too.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | os.PathLike[str],
+        signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.signals = tuple(int(s) for s in signals)
+        self.signum: int | None = None  # the signal that stopped the run (after its save)
+        self.saved_path: str | None = None
+        self._pending: int | None = None  # received, not yet acted on
+        self._previous: dict[int, Any] = {}
+        stop_at = os.environ.get(PREEMPT_AT_STEP_ENV)
+        self._stop_at = int(stop_at) if stop_at else None
+
+    # ------------------------------------------------------------------ signal handlers
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.signals:
+            if signum == signal.SIGUSR1 and _slurm_requeue(trainer):
+                continue
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Only record it: the save happens between steps, never inside one."""
+        if self._pending is None:
+            self._pending = signum
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_handlers()
+
+    # ------------------------------------------------------------------ the save
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        simulated = self._stop_at is not None and trainer.global_step == self._stop_at
+        requested = self._pending is not None or trainer.received_sigterm or simulated
+        if trainer.world_size > 1:
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested or self.signum is not None:
+            return
+        if self._pending is None:
+            self._pending = int(signal.SIGTERM)
+        if hasattr(trainer, "_signal_connector"):
+            trainer._signal_connector.received_sigterm = False  # we stop at the step boundary
+        if _accumulating(trainer):
+            return  # save after the optimizer step this micro-batch belongs to
+        self.save(trainer)
+        trainer.should_stop = True
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        self._restore_handlers()
+        if not isinstance(exception, SIGTERMException) or self.saved_path is not None:
+            return
+        if trainer.world_size > 1 or _accumulating(trainer):
+            log.warning("SIGTERM at step %d could not be saved consistently; the last periodic "
+                        "checkpoint in %s is kept", trainer.global_step, self.dirpath)  # fmt: skip
+            return
+        self._pending = self._pending or int(signal.SIGTERM)
+        self.save(trainer)
+
+    def _same_folder(self, callback: Any) -> bool:
+        if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
+            return False
+        return bool(callback.dirpath) and Path(callback.dirpath).resolve() == self.dirpath.resolve()
+
+    def save(self, trainer: L.Trainer) -> None:
+        """``<dirpath>/last.ckpt`` through the trainer (all ranks call it), made ModelCheckpoint's
+        ``last`` when it writes to the same folder (so its next ``last`` replaces this one)."""
+        path = self.dirpath / "last.ckpt"
+        for callback in trainer.checkpoint_callbacks:
+            if self._same_folder(callback):
+                callback.last_model_path = str(path)  # type: ignore[union-attr]
+        trainer.save_checkpoint(str(path))
+        self.saved_path, self.signum = str(path), self._pending
+        if trainer.is_global_zero:
+            name = signal.Signals(self.signum).name if self.signum else "preemption"
+            log.warning(
+                "%s: stopped after step %d and saved %s. Resume with the same command plus "
+                "ckpt_path=last paths.output_dir=%s",
+                name, trainer.global_step, path, self.dirpath.parent,
+            )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- RNG states
+def collect_rng_states() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and every CUDA device), numpy and Python, as
+    tensors and plain numbers (loadable with ``torch.load(weights_only=True)``)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+    }  # fmt: skip
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Inverse of :func:`collect_rng_states` (CUDA states only when the device count matches)."""
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["gauss"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+class RNGStateCheckpoint(Callback):
+    """Carry the global RNG states in every checkpoint; on resume, restore them just before the
+    first training batch (where the uninterrupted run stood when the checkpoint was taken).
+
+    Lightning restores weights, optimizer, schedulers and loops but not these states. Our
+    stages draw their randomness from seeded generators (data order, PPO sampling), so this
+    is what keeps anything else drawn from the global RNG (dropout in a user's model, a
+    sampler without a generator) on the uninterrupted run's sequence. Every rank restores
+    rank 0's states; ``seed_everything`` seeds all ranks alike, so they are equal.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "llamalab.RNGStateCheckpoint"
+
+    def state_dict(self) -> dict[str, Any]:
+        return collect_rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict or None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None

@@ -185,6 +185,17 @@ def check_vocab(arch: LlamaConfig, vocab_size: int, tokenizer_path: str) -> None
         )
 
 
+def resume_checkpoint(cfg: DictConfig, out: Path, arch: LlamaConfig) -> str | None:
+    """``ckpt_path`` (a file, ``last``, ``auto`` or null) -> the checkpoint to resume, refused
+    now if it is missing, torn, or of another stage / architecture (docs/reliability.md)."""
+    from llamalab.reliability import check_resume_checkpoint, resolve_ckpt_path
+
+    path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
+    if path is not None:
+        check_resume_checkpoint(path, arch, cfg.stage.name)
+    return path
+
+
 # ---------------------------------------------------------------------------- building
 def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
     from lightning.pytorch.loggers import CSVLogger
@@ -265,6 +276,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     init = resolved.get("init")
     if init is not None:
         arch = checkpoint_architecture(init)  # a checkpoint fixes its own architecture
+    ckpt_path = resume_checkpoint(cfg, out, arch)
     if cfg.plan.get("check", True):
         from llamalab.scale.plan_cfg import check_machine
 
@@ -272,10 +284,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     tokenizer_path = tokenizer_for(cfg, resolved)
     datamodule = instantiate(cfg.data, tokenizer_path=tokenizer_path, _convert_="all")
-    tokenizer = datamodule.load_tokenizer()
+    # PretrainDataModule can build the built-in tokenizer; the others take the one of `init`.
+    load = getattr(datamodule, "load_tokenizer", None)
+    tokenizer = load() if load is not None else datamodule.tokenizer
     check_vocab(arch, tokenizer.vocab_size, str(tokenizer.model_path))
-    if hasattr(datamodule, "validate"):
-        datamodule.validate()  # bad data stops here, before the model is built
 
     stage_kwargs: dict[str, Any] = {
         k: (str(resolved[k]) if k in resolved else v)
@@ -289,12 +301,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         compile=cfg.compile,
         **stage_kwargs,
         _convert_="all",
-    )
+    )  # cheap (the model is built in configure_model): bad stage settings stop here
+    if hasattr(datamodule, "validate"):
+        datamodule.validate()  # bad data stops here, before the model is built
 
+    from llamalab.reliability import checkpoint_plugins, fit
+
+    strategy = build_strategy(cfg)
     trainer_overrides: dict[str, Any] = {
         "logger": build_loggers(cfg, out),
         "callbacks": build_callbacks(cfg),
-        "strategy": build_strategy(cfg),
+        "strategy": strategy,
+        "plugins": checkpoint_plugins(strategy),  # crash-safe checkpoint files
         "accumulate_grad_batches": accumulation(cfg, world_size(cfg)),
     }
     if cfg.trainer.get("max_steps", -1) == -1 and cfg.trainer.get("max_epochs") is None:
@@ -305,7 +323,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer_overrides.update(module.trainer_overrides(cfg.trainer))
     trainer = instantiate(cfg.trainer, **trainer_overrides, _convert_="all")
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit(trainer, module, datamodule, ckpt_path)  # a preempted run exits here, checkpoint saved
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not cfg.trainer.get("fast_dev_run") and module.automatic_optimization:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)

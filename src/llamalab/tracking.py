@@ -12,8 +12,11 @@ their own sample tables).
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +226,80 @@ def tracking_callbacks(cfg: DictConfig) -> list[L.Callback]:
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
     return [WandbTracking(config={str(k): v for k, v in config.items()})]
+
+
+# ---------------------------------------------------------------------------- reading runs back
+# An offline run's ``run-<id>.wandb`` is a LevelDB-style log of protobuf ``Record``s: a 7-byte
+# header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of chunks, each with a 7-byte
+# header (CRC32C, little-endian length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4). The SDK no
+# longer ships a Python reader (wandb-core writes the file), so this is one, for tests and for
+# collecting offline runs without uploading them.
+_BLOCK, _CHUNK_HEADER, _FILE_HEADER = 32768, 7, b":W&B\xe1\xbe\x00"
+
+
+@dataclass
+class OfflineRun:
+    """What an offline run recorded: run info, config, history rows, summary, metric definitions."""
+
+    name: str
+    group: str
+    tags: list[str]
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    summary: dict[str, Any]
+    step_metrics: dict[str, str]  # metric name or glob -> its x-axis metric
+
+
+def wandb_records(path: str | Path) -> Iterator[Any]:
+    """The protobuf records of a ``.wandb`` file, in write order."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    if not data.startswith(_FILE_HEADER):
+        raise ValueError(f"{path} is not a W&B run file (header {data[:7]!r})")
+    pos, parts = len(_FILE_HEADER), []
+    while pos + _CHUNK_HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _CHUNK_HEADER:  # the writer pads a block's tail shorter than a header
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        payload = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
+        pos += _CHUNK_HEADER + length
+        parts = [payload] if kind in (1, 2) else [*parts, payload]
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(b"".join(parts))
+            yield record
+
+
+def _items(items: Any) -> dict[str, Any]:
+    return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
+
+
+def read_offline_run(run_dir: str | Path) -> OfflineRun:
+    """Read ``<run>/wandb/offline-run-*`` (or that folder itself, or its ``.wandb`` file)."""
+    path = Path(run_dir)
+    if path.is_dir() and not path.name.startswith(("offline-run-", "run-")):
+        found = sorted(path.glob("wandb/offline-run-*/run-*.wandb")) or sorted(path.glob("offline-run-*/run-*.wandb"))
+        if not found:
+            raise FileNotFoundError(f"no offline W&B run under {run_dir}")
+        path = found[-1]
+    elif path.is_dir():
+        path = next(path.glob("run-*.wandb"))
+    run = OfflineRun("", "", [], {}, [], {}, {})
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.name, run.group, run.tags = record.run.display_name, record.run.run_group, list(record.run.tags)
+            run.config.update(_items(record.run.config.update))
+        elif kind == "config":
+            run.config.update(_items(record.config.update))
+        elif kind == "history":
+            run.history.append(_items(record.history.item))
+        elif kind == "summary":
+            run.summary.update(_items(record.summary.update))
+        elif kind == "metric" and record.metric.step_metric:
+            run.step_metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
+    return run

@@ -86,6 +86,13 @@ class LlamaStage(L.LightningModule):
             model.init_weights()
         return model
 
+    @property
+    def sharded(self) -> bool:
+        """True under ZeRO-3 or FSDP: parameters are partitioned across ranks."""
+        from llamalab.scale.build import module_sharding
+
+        return module_sharding(self) != "none"
+
     def load_init(self, model: nn.Module) -> None:
         """Copy ``init`` weights into ``model`` (an LM checkpoint into a scalar model keeps all
         but the head)."""
@@ -187,8 +194,8 @@ class LlamaStage(L.LightningModule):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         if not self.check_finite(norm, "gradient norm"):
-            for g in grads:
-                g.zero_()
+            for p in self.parameters():  # AdamW leaves gradient-less parameters untouched
+                p.grad = None  # (no momentum, no weight decay): a true skip, not a zero step
 
     def peak_flops(self) -> float | None:
         if self._peak_flops is None:
@@ -231,6 +238,11 @@ class LlamaStage(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" in checkpoint:  # another architecture: name the tensor and both shapes
+            from llamalab.reliability import check_state_shapes
+
+            source = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
+            check_state_shapes(self, checkpoint["state_dict"], str(source or "being resumed"))
         meta = checkpoint.get("llamalab", {})
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         self.skipped_batches = int(meta.get("skipped_batches", 0))

@@ -52,9 +52,14 @@ def evaluate_batch(
     device = next(policy.parameters()).device
     common = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, chunk_size=chunk_size)
     greedy = sample_responses(
-        policy, prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=None, seed=seed,
+        policy,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        top_p=None,
+        seed=seed,
         **common,
-    )  # fmt: skip
+    )
     rollout = build_rollout(prompts, greedy, tokenizer.pad_id, device)
     scores = score_rollout(
         reward_helpful, reward_safety, rollout, is_safety, chunk_size, safety_threshold
@@ -62,9 +67,14 @@ def evaluate_batch(
     kl = None
     if reference is not None:
         sampled = sample_responses(
-            policy, prompts, max_new_tokens=max_new_tokens, temperature=1.0, top_p=None,
-            seed=seed + 7919, **common,
-        )  # fmt: skip
+            policy,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=1.0,
+            top_p=None,
+            seed=seed + 7919,
+            **common,
+        )
         kl_rollout = build_rollout(prompts, sampled, tokenizer.pad_id, device)
 
         def sequence_kl(r):  # type: ignore[no-untyped-def]
@@ -91,10 +101,11 @@ def evaluate_batch(
 def judgeable(records: Sequence[Mapping[str, Any]]) -> bool:
     """True when every record can be judged: a harmful prompt, or one with a reference answer."""
     return bool(records) and all(
-        r.get("kind") == "harmful" or (r.get("kind") is None and r.get("is_safety"))
+        r.get("kind") == "harmful"
+        or (r.get("kind") is None and r.get("is_safety"))
         or bool(r.get("reference"))
         for r in records
-    )  # fmt: skip
+    )
 
 
 def summarize(

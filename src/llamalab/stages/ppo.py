@@ -92,7 +92,9 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if self.reward_whitening not in ("running", "batch"):
-            raise ValueError(f"reward_whitening must be running or batch, got {self.reward_whitening!r}")
+            raise ValueError(
+                f"reward_whitening must be running or batch, got {self.reward_whitening!r}"
+            )
         if self.mini_batch < 1 or self.rollout_batch < 1 or self.ppo_epochs < 1:
             raise ValueError("rollout_batch, mini_batch and ppo_epochs must be >= 1")
 
@@ -170,17 +172,31 @@ class PPOStage(LlamaStage):
 
         missing = [k for k in ("critic", "helpful", "safety") if not self.paths[k]]
         if not self.init_path or missing:
-            raise ValueError(f"PPO needs stage.init and the critic/reward paths (missing: {missing})")
+            raise ValueError(
+                f"PPO needs stage.init and the critic/reward paths (missing: {missing})"
+            )
         actor = self.build_model()
         self.load_init(actor)
-        self.reference = load_reference(self.init_path)
-        self.rm_helpful = load_reward_model(self.paths["helpful"], "reward_helpful")  # type: ignore[arg-type]
-        self.rm_safety = load_reward_model(self.paths["safety"], "reward_safety")  # type: ignore[arg-type]
-        critic = load_critic(self.paths["critic"])  # type: ignore[arg-type]
+        if self.sharded:  # ZeRO-3 / FSDP: all five built sharded, loaded shard by shard
+            from llamalab.scale.build import load_rlhf_models
+
+            models = load_rlhf_models(self, {"reference": self.init_path, **self.paths})  # type: ignore[dict-item]
+            reference, rm_helpful = models["reference"], models["rm_helpful"]
+            rm_safety, critic = models["rm_safety"], models["critic"]
+        else:
+            reference = load_reference(self.init_path)
+            rm_helpful = load_reward_model(str(self.paths["helpful"]), "reward_helpful")
+            rm_safety = load_reward_model(str(self.paths["safety"]), "reward_safety")
+            critic = load_critic(str(self.paths["critic"]))
         check_same_vocabulary(
-            {"actor": actor, "critic": critic, "reward_helpful": self.rm_helpful,
-             "reward_safety": self.rm_safety}
-        )  # fmt: skip
+            {
+                "actor": actor,
+                "critic": critic,
+                "reward_helpful": rm_helpful,
+                "reward_safety": rm_safety,
+            }
+        )
+        self.reference, self.rm_helpful, self.rm_safety = reference, rm_helpful, rm_safety  # type: ignore[assignment]
         self.actor = self.wrap_model(actor)  # type: ignore[assignment]
         self.critic = self.wrap_model(critic)  # type: ignore[assignment]
         self.kl_ctl = self.make_kl_controller(actor)
@@ -218,9 +234,12 @@ class PPOStage(LlamaStage):
             self.critic.named_parameters(), o["weight_decay"], lr=o.get("critic_lr", o["lr"])
         )
         return build_adamw(
-            groups, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.95))), eps=o.get("eps", 1e-5),
+            groups,
+            lr=o["lr"],
+            betas=tuple(o.get("betas", (0.9, 0.95))),
+            eps=o.get("eps", 1e-5),
             fused=o.get("fused"),
-        )  # fmt: skip
+        )
 
     def trainer_overrides(self, trainer_cfg: Any) -> dict[str, Any]:
         """Trainer settings the PPO loop needs (called by ``llamalab.run.train``).
@@ -252,8 +271,14 @@ class PPOStage(LlamaStage):
         stats.update(self.ppo_update(rollout, experience))
         t3 = time.perf_counter()
         self.kl_ctl.update(float(stats["train/kl"]), len(rollout))
-        stats.update({"time/generate_s": t1 - t0, "time/score_s": t2 - t1,
-                      "time/train_s": t3 - t2, "train/iteration": float(self.iteration)})  # fmt: skip
+        stats.update(
+            {
+                "time/generate_s": t1 - t0,
+                "time/score_s": t2 - t1,
+                "time/train_s": t3 - t2,
+                "train/iteration": float(self.iteration),
+            }
+        )
         self.log_dict(stats, on_step=True, on_epoch=False)
         self.log("train/reward", stats["train/reward_combined"], prog_bar=True, on_step=True)
         self.log("train/kl_ref", stats["train/kl"], prog_bar=True, on_step=True)
@@ -268,46 +293,55 @@ class PPOStage(LlamaStage):
         assert self.actor is not None
         tok = self.tokenizer
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        with self.generation_context():
+        with self.generation_context() as actor:
             generated = sample_responses(
-                self.actor, prompts, max_new_tokens=self.cfg.max_new_tokens,
-                temperature=temperature, top_p=None if top_p >= 1.0 else top_p,
-                eos_id=tok.eos_id, pad_id=tok.pad_id, chunk_size=self.cfg.generation_batch,
+                actor,
+                prompts,
+                max_new_tokens=self.cfg.max_new_tokens,
+                temperature=temperature,
+                top_p=None if top_p is None or top_p >= 1.0 else top_p,
+                eos_id=tok.eos_id,
+                pad_id=tok.pad_id,
+                chunk_size=self.cfg.generation_batch,
                 seed=derive_seed(self.seed, self.iteration, rank),
-            )  # fmt: skip
+            )
         return build_rollout(prompts, generated, tok.pad_id, self.device)
 
     def generation_context(self) -> Any:
-        """ZeRO-3 keeps each parameter partitioned: gathering the actor once per rollout avoids
-        one all-gather per generated token (PAPER.md §3.2.3: 20x slower otherwise)."""
+        """The actor to sample with: under ZeRO-3 / FSDP gathered once per rollout (PAPER.md
+        §3.2.3: per-token gathering is ~20x slower) or, when it does not fit, per layer in
+        lockstep across ranks (:func:`llamalab.scale.zero_gen.generation_model`)."""
         import contextlib
 
-        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
-        mode = self.cfg.gather_for_generation
-        if mode == "never" or "DeepSpeed" not in strategy:
-            return contextlib.nullcontext()
-        import deepspeed  # type: ignore[import-not-found]
+        if self._trainer is None or not self.sharded:
+            return contextlib.nullcontext(self.actor)
+        from llamalab.scale.zero_gen import generation_model
 
-        return deepspeed.zero.GatheredParameters(list(self.actor.parameters()))  # type: ignore[union-attr]
+        return generation_model(self.actor, self.trainer.strategy, self.cfg.gather_for_generation)  # type: ignore[arg-type]
 
     def score(self, rollout: Rollout, is_safety: torch.Tensor) -> Scores:
         assert self.rm_helpful is not None and self.rm_safety is not None
         return score_rollout(
-            self.rm_helpful, self.rm_safety, rollout, is_safety, self.cfg.mini_batch,
+            self.rm_helpful,
+            self.rm_safety,
+            rollout,
+            is_safety,
+            self.cfg.mini_batch,
             self.cfg.safety_threshold,
-        )  # fmt: skip
+        )
 
     @torch.no_grad()
     def make_experience(
         self, rollout: Rollout, scores: Scores
     ) -> tuple[Experience, dict[str, float]]:
         """Rewards (PAPER.md §3.2.3) and GAE advantages of a rollout, plus what to log."""
-        assert self.actor is not None and self.reference is not None
-        assert self.critic is not None and self.kl_ctl is not None
+        actor, reference, critic = self.actor, self.reference, self.critic
+        assert actor is not None and reference is not None and critic is not None
+        assert self.kl_ctl is not None
         cfg, chunk, mask = self.cfg, self.cfg.mini_batch, rollout.response_mask
-        old_logprobs = in_chunks(lambda r: response_logprobs(self.actor, r), rollout, chunk)
-        ref_logprobs = in_chunks(lambda r: response_logprobs(self.reference, r), rollout, chunk)
-        old_values = in_chunks(lambda r: response_values(self.critic, r), rollout, chunk)
+        old_logprobs = in_chunks(lambda r: response_logprobs(actor, r), rollout, chunk)
+        ref_logprobs = in_chunks(lambda r: response_logprobs(reference, r), rollout, chunk)
+        old_values = in_chunks(lambda r: response_values(critic, r), rollout, chunk)
         kl = kl_penalty(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask  # (B, R)
         # R~c = WHITEN(LOGIT(Rc)), then the length-limit penalty, then -beta*KL per token.
         raw = logit(scores.combined)
@@ -316,19 +350,22 @@ class PPOStage(LlamaStage):
             score = self.reward_moments["combined"].whiten(raw)
         else:
             score = whiten(raw)
-        score = truncation_penalty(score, rollout.finished, cfg.truncation_penalty)
-        rewards = sequence_rewards_to_token_rewards(score, kl, mask, self.kl_ctl.value)
+        penalised = truncation_penalty(score, rollout.finished, cfg.truncation_penalty)
+        rewards = sequence_rewards_to_token_rewards(penalised, kl, mask, self.kl_ctl.value)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask)
         experience = Experience(old_logprobs, old_values, advantages, returns)
-        return experience, self.rollout_stats(rollout, scores, kl, score, old_logprobs, returns)
+        stats = self.rollout_stats(rollout, scores, kl, old_logprobs, returns)
+        stats.update(
+            {"train/reward_whitened": float(score.mean()), "train/score": float(penalised.mean())}
+        )
+        return experience, stats
 
     def rollout_stats(
         self,
         rollout: Rollout,
         scores: Scores,
         kl: torch.Tensor,
-        score: torch.Tensor,
         old_logprobs: torch.Tensor,
         returns: torch.Tensor,
     ) -> dict[str, float]:
@@ -337,26 +374,30 @@ class PPOStage(LlamaStage):
         for name, raw in (("helpful", scores.helpful_raw), ("safety", scores.safety_raw)):
             self.reward_moments[name].update(raw)
             stats[f"train/reward_raw_{name}"] = float(raw.mean())
-            stats[f"train/reward_whitened_{name}"] = float(self.reward_moments[name].whiten(raw).mean())
+            stats[f"train/reward_whitened_{name}"] = float(
+                self.reward_moments[name].whiten(raw).mean()
+            )
             stats[f"train/reward_{name}"] = float(torch.sigmoid(raw).mean())
         gap = (rollout.gen_logprobs - old_logprobs).abs() * rollout.response_mask
-        stats.update({
-            "train/reward_combined": float(scores.combined.mean()),
-            "train/reward_whitened": float(score.mean()),
-            "train/used_safety_rm": float(scores.used_safety.float().mean()),
-            "train/kl": float(kl.sum(dim=1).mean()),
-            "train/kl_coef": float(self.kl_ctl.value),  # type: ignore[union-attr]
-            "train/response_length": float(rollout.lengths.float().mean()),
-            "train/eos_rate": float(rollout.finished.float().mean()),
-            "train/returns": float(masked_mean(returns, rollout.response_mask)),
-            "train/logprob_gap": float(gap.sum() / rollout.response_mask.sum().clamp_min(1)),
-        })  # fmt: skip
+        stats.update(
+            {
+                "train/reward_combined": float(scores.combined.mean()),
+                "train/used_safety_rm": float(scores.used_safety.float().mean()),
+                "train/kl": float(kl.sum(dim=1).mean()),
+                "train/kl_coef": float(self.kl_ctl.value),  # type: ignore[union-attr]
+                "train/response_length": float(rollout.lengths.float().mean()),
+                "train/eos_rate": float(rollout.finished.float().mean()),
+                "train/returns": float(masked_mean(returns, rollout.response_mask)),
+                "train/logprob_gap": float(gap.sum() / rollout.response_mask.sum().clamp_min(1)),
+            }
+        )
         return stats
 
     def ppo_update(self, rollout: Rollout, experience: Experience) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled mini-batches, one optimizer step each."""
         assert self.actor is not None and self.critic is not None
         optimizer = self.optimizers()
+        assert not isinstance(optimizer, list), "PPO uses one optimizer (actor + critic groups)"
         n_rows = len(rollout)
         n_mini = max(1, math.ceil(n_rows / self.cfg.mini_batch))
         micro = self.cfg.micro_batch or self.cfg.mini_batch
@@ -374,7 +415,11 @@ class PPOStage(LlamaStage):
                         totals.setdefault(key, []).append(float(value))
                 grad_clip = self.optim_cfg.get("grad_clip")
                 if grad_clip:
-                    self.clip_gradients(optimizer, gradient_clip_val=grad_clip, gradient_clip_algorithm="norm")
+                    self.clip_gradients(
+                        optimizer,  # type: ignore[arg-type]
+                        gradient_clip_val=grad_clip,
+                        gradient_clip_algorithm="norm",
+                    )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         return {k: sum(v) / len(v) for k, v in totals.items()}
@@ -404,7 +449,9 @@ class PPOStage(LlamaStage):
             "train/clipfrac": pg_stats["clipfrac"],
             "train/approx_kl": pg_stats["approx_kl"],
             "train/ratio": pg_stats["ratio"],
-            "train/explained_variance": explained_variance(values.detach(), experience.returns, mask),
+            "train/explained_variance": explained_variance(
+                values.detach(), experience.returns, mask
+            ),
         }
 
     # ------------------------------------------------------------------ held-out evaluation
@@ -412,12 +459,18 @@ class PPOStage(LlamaStage):
         assert self.actor is not None and self.rm_helpful is not None
         assert self.rm_safety is not None
         samples = evaluate_batch(
-            self.actor, batch["prompt_ids"], batch["is_safety"], self.tokenizer,
-            self.rm_helpful, self.rm_safety, self.reference,
+            self.actor,
+            batch["prompt_ids"],
+            batch["is_safety"],
+            self.tokenizer,
+            self.rm_helpful,
+            self.rm_safety,
+            self.reference,
             max_new_tokens=self.cfg.eval_max_new_tokens or self.cfg.max_new_tokens,
-            chunk_size=self.cfg.generation_batch, seed=derive_seed(self.seed, 0) + batch_idx,
+            chunk_size=self.cfg.generation_batch,
+            seed=derive_seed(self.seed, 0) + batch_idx,
             safety_threshold=self.cfg.safety_threshold,
-        )  # fmt: skip
+        )
         for sample, index, prompt in zip(samples, batch["index"].tolist(), batch["prompt_ids"]):
             self._eval_samples.append({**sample, "index": index, "prompt_ids": prompt})
 
@@ -465,11 +518,18 @@ class PPOStage(LlamaStage):
             return
         n = min(self.cfg.log_samples, len(rollout))
         rows = [
-            [self.iteration, self.tokenizer.decode(prompts[i]),
-             self.tokenizer.decode(rollout.response[i][rollout.response_mask[i].bool()].tolist()),
-             float(scores.helpful_raw[i]), float(scores.safety_raw[i]), float(scores.combined[i])]
+            [
+                self.iteration,
+                self.tokenizer.decode(prompts[i]),
+                self.tokenizer.decode(
+                    rollout.response[i][rollout.response_mask[i].bool()].tolist()
+                ),
+                float(scores.helpful_raw[i]),
+                float(scores.safety_raw[i]),
+                float(scores.combined[i]),
+            ]
             for i in range(n)
-        ]  # fmt: skip
+        ]
         columns = ["iteration", "prompt", "response", "helpful_raw", "safety_raw", "reward"]
         logger.log_table(key=key, columns=columns, data=rows)
 
@@ -484,8 +544,17 @@ class PPOStage(LlamaStage):
             truth = None
             if records is not None and (records[i].get("reference") or records[i].get("kind")):
                 truth = ground_truth(records[i], s["response"])
-            rows.append([self.iteration, self.tokenizer.decode(s["prompt_ids"]), s["response"],
-                         s["helpful"], s["safety"], s["reward"], truth])  # fmt: skip
+            rows.append(
+                [
+                    self.iteration,
+                    self.tokenizer.decode(s["prompt_ids"]),
+                    s["response"],
+                    s["helpful"],
+                    s["safety"],
+                    s["reward"],
+                    truth,
+                ]
+            )
         columns = ["iteration", "prompt", "response", "helpful", "safety", "reward", "ground_truth"]
         logger.log_table(key="eval/samples", columns=columns, data=rows)
 

@@ -62,10 +62,16 @@ def best_of_k(
         chunk = items[start : start + per_call]
         prompts = [item["prompt_ids"] for item in chunk for _ in range(num_samples)]
         generated = sample_responses(
-            policy, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-            seed=seed + 7_919 * start, chunk_size=len(prompts),
-        )  # fmt: skip
+            policy,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            seed=seed + 7_919 * start,
+            chunk_size=len(prompts),
+        )
         rollout = build_rollout(prompts, generated, tokenizer.pad_id, device)
         is_safety = torch.tensor([item["is_safety"] for item in chunk for _ in range(num_samples)])
         scores = score_rollout(
@@ -75,15 +81,17 @@ def best_of_k(
         best = pick_best(rc, rollout.finished.view(len(chunk), num_samples))
         for i, item in enumerate(chunk):
             j = i * num_samples + int(best[i])
-            chosen.append({
-                "index": int(item["index"]),
-                "response": tokenizer.decode(generated.tokens[j]),
-                "reward": float(scores.combined[j]),
-                "helpful": float(torch.sigmoid(scores.helpful_raw[j])),
-                "safety": float(torch.sigmoid(scores.safety_raw[j])),
-                "mean_reward": float(rc[i].mean()),
-                "finished": bool(generated.finished[j]),
-            })  # fmt: skip
+            chosen.append(
+                {
+                    "index": int(item["index"]),
+                    "response": tokenizer.decode(generated.tokens[j]),
+                    "reward": float(scores.combined[j]),
+                    "helpful": float(torch.sigmoid(scores.helpful_raw[j])),
+                    "safety": float(torch.sigmoid(scores.safety_raw[j])),
+                    "mean_reward": float(rc[i].mean()),
+                    "finished": bool(generated.finished[j]),
+                }
+            )
     return chosen
 
 
@@ -137,11 +145,14 @@ class RejectionSamplingStage(SFTStage):
         if num_samples < 1:
             raise ValueError(f"stage.num_samples must be >= 1, got {num_samples}")
         self.paths = {"helpful": reward_helpful, "safety": reward_safety}
-        self.sampling = dict(
-            num_samples=num_samples, temperature=temperature,
-            top_p=None if top_p >= 1.0 else top_p, max_new_tokens=max_new_tokens,
-            generation_batch=generation_batch, safety_threshold=safety_threshold,
-        )  # fmt: skip
+        self.sampling: dict[str, Any] = dict(
+            num_samples=num_samples,
+            temperature=temperature,
+            top_p=None if top_p >= 1.0 else top_p,
+            max_new_tokens=max_new_tokens,
+            generation_batch=generation_batch,
+            safety_threshold=safety_threshold,
+        )
         self.max_prompts = max_prompts
         self.pool_from = [pool_from] if isinstance(pool_from, str) else list(pool_from or [])
         self.eval_max_new_tokens = eval_max_new_tokens or max_new_tokens
@@ -154,7 +165,7 @@ class RejectionSamplingStage(SFTStage):
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.dialogs is not None:
             return
-        datamodule = self.trainer.datamodule
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
         self.load_frozen(self.trainer.strategy.root_device)
         t0 = time.perf_counter()
         chosen = self.sample_shard(datamodule)
@@ -172,7 +183,9 @@ class RejectionSamplingStage(SFTStage):
         if self.frozen:
             return
         if not (self.init_path and self.paths["helpful"] and self.paths["safety"]):
-            raise ValueError("rejection sampling needs stage.init, reward_helpful and reward_safety")
+            raise ValueError(
+                "rejection sampling needs stage.init, reward_helpful and reward_safety"
+            )
         self.frozen = {
             "policy": load_reference(self.init_path).to(device),
             "helpful": load_reward_model(self.paths["helpful"], "reward_helpful").to(device),
@@ -184,10 +197,14 @@ class RejectionSamplingStage(SFTStage):
         items = datamodule.prompt_items("train")[: self.max_prompts]
         world, rank = self.trainer.world_size, self.trainer.global_rank
         return best_of_k(
-            self.frozen["policy"], self.frozen["helpful"], self.frozen["safety"],
-            items[rank::world], datamodule.tokenizer, seed=self.seed + 104_729 * rank,
+            self.frozen["policy"],
+            self.frozen["helpful"],
+            self.frozen["safety"],
+            items[rank::world],
+            datamodule.tokenizer,
+            seed=self.seed + 104_729 * rank,
             **self.sampling,
-        )  # fmt: skip
+        )
 
     @staticmethod
     def as_dialog(record: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
@@ -228,21 +245,32 @@ class RejectionSamplingStage(SFTStage):
         for logger in self.loggers:
             logger.log_metrics(stats, step=0)
             if hasattr(logger, "log_table") and self.trainer.is_global_zero:
-                rows = [[c["index"], c["response"], c["reward"], c["mean_reward"]] for c in chosen[:16]]
-                logger.log_table(key="rs/best", columns=["index", "response", "reward", "mean_reward"], data=rows)
+                rows = [
+                    [c["index"], c["response"], c["reward"], c["mean_reward"]] for c in chosen[:16]
+                ]
+                logger.log_table(
+                    key="rs/best", columns=["index", "response", "reward", "mean_reward"], data=rows
+                )
 
     # ------------------------------------------------------------------ held-out evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Judge greedy answers to held-out prompts (batches of ``PromptDataModule``)."""
         assert self.model is not None
         self.load_frozen(self.device)
-        tokenizer = self.trainer.datamodule.tokenizer
+        tokenizer = self.trainer.datamodule.tokenizer  # type: ignore[attr-defined]
         samples = evaluate_batch(
-            self.model, batch["prompt_ids"], batch["is_safety"], tokenizer,
-            self.frozen["helpful"], self.frozen["safety"], self.frozen["policy"],
-            max_new_tokens=self.eval_max_new_tokens, chunk_size=self.sampling["generation_batch"],
-            seed=self.seed + batch_idx, safety_threshold=self.sampling["safety_threshold"],
-        )  # fmt: skip
+            self.model,
+            batch["prompt_ids"],
+            batch["is_safety"],
+            tokenizer,
+            self.frozen["helpful"],
+            self.frozen["safety"],
+            self.frozen["policy"],
+            max_new_tokens=self.eval_max_new_tokens,
+            chunk_size=self.sampling["generation_batch"],
+            seed=self.seed + batch_idx,
+            safety_threshold=self.sampling["safety_threshold"],
+        )
         for sample, index in zip(samples, batch["index"].tolist()):
             self._eval_samples.append({**sample, "index": index})
 
@@ -250,7 +278,7 @@ class RejectionSamplingStage(SFTStage):
         samples, self._eval_samples = self._eval_samples, []
         if not samples:
             return
-        datamodule = self.trainer.datamodule
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
         records = [datamodule.records("val")[s["index"]] for s in samples]
         metrics = summarize(samples, records)
         self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, sync_dist=True)

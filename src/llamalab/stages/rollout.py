@@ -17,7 +17,7 @@ Everything here is model-agnostic plumbing; the maths lives in :mod:`llamalab.rl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -44,9 +44,14 @@ class Rollout:
 
     def select(self, rows: torch.Tensor | slice) -> Rollout:
         """The rows ``rows`` (an index tensor or a slice) as a new rollout."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
         return Rollout(
-            **{k: (v[rows] if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+            self.input_ids[rows],
+            self.attention_mask[rows],
+            self.response[rows],
+            self.response_mask[rows],
+            self.finished[rows],
+            self.gen_logprobs[rows],
+            self.prompt_width,
         )
 
     @property

@@ -1,0 +1,319 @@
+"""Surviving long runs: crash-safe checkpoint files, finding the checkpoint to resume from,
+refusing one that does not belong to this run, and ending a preempted run cleanly.
+
+A run may be killed at any instant (SIGKILL, OOM killer, node failure). What it has written must
+survive that: every checkpoint file is written under a temporary name in the same folder,
+flushed to disk and renamed into place (``os.replace`` is atomic on POSIX), so a kill mid-write
+leaves the previous file intact and only a ``*.tmp-<pid>`` partial behind, which the next launch
+removes. The callbacks that save on SIGTERM/SIGUSR1 and carry RNG states live in
+:mod:`llamalab.callbacks`; the failure-mode table is ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from llamalab.checkpoint import CheckpointError
+from llamalab.model import LlamaConfig
+
+log = logging.getLogger("llamalab")
+
+PARTIAL = ".tmp-"  # <final name>.tmp-<pid>: a write in progress (or killed)
+# Test hook: every checkpoint write pauses this many seconds halfway (after its first bytes
+# reach the disk), so a test can SIGKILL the process mid-write. Unset in real runs.
+WRITE_DELAY_ENV = "LLAMALAB_TEST_CKPT_WRITE_DELAY"
+RESUME_KEYWORDS = ("last", "auto")
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """``ckpt_path`` names a checkpoint that does not exist."""
+
+
+# ---------------------------------------------------------------------------- atomic files
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the directory entry itself is flushed)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems refuse to open directories: the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Write a file through ``write(f)`` to ``<path>.tmp-<pid>``, fsync, rename onto ``path``.
+
+    A process killed at any point leaves either the old ``path`` or the new one, never a torn
+    file. On an exception the partial file is removed and the exception re-raised.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}{PARTIAL}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(
+                _SlowWriter(f, float(os.environ[WRITE_DELAY_ENV]))
+                if WRITE_DELAY_ENV in os.environ
+                else f
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(final.parent)
+    return final
+
+
+class _SlowWriter:
+    """A file wrapper that pauses once, after its first write reached the disk (test hook)."""
+
+    def __init__(self, f: IO[bytes], delay: float) -> None:
+        self.f, self.delay, self.paused = f, delay, False
+
+    def write(self, data: bytes) -> int:
+        n = self.f.write(data)
+        if not self.paused:
+            self.paused = True
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            time.sleep(self.delay)
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with crash-safe writes (:func:`atomic_write`).
+
+    Lightning's own ``TorchCheckpointIO`` serialises the whole checkpoint into memory and moves
+    a temporary file from the system temp dir into place: twice the checkpoint in RAM, no
+    fsync, and a copy (not an atomic rename) when /tmp is another filesystem. Here the stream
+    goes straight to a file beside the target. Used for checkpoints written as one file (single
+    device, DDP); DeepSpeed and FSDP write directories through their own code (see
+    :func:`checkpoint_plugins`).
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def checkpoint_plugins(strategy: Any) -> list[Any]:
+    """``[AtomicCheckpointIO()]`` for strategies that save one file through Lightning's
+    checkpoint IO (``auto``, single device, DDP); ``[]`` for DeepSpeed / FSDP / model-parallel,
+    which write sharded directories themselves (docs/reliability.md: their crash safety)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    if isinstance(strategy, str):
+        return [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "single_device") else []
+    if isinstance(strategy, DeepSpeedStrategy):
+        return []
+    if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
+        return [AtomicCheckpointIO()]
+    return []
+
+
+# ---------------------------------------------------------------------------- finding a resume point
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_partial_writes(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete ``*.tmp-<pid>`` leftovers of writers that are no longer running; returns them."""
+    root = Path(folder)
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for path in root.glob(f"*{PARTIAL}*"):
+        pid = path.name.rsplit(PARTIAL, 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.warning("removed %d partial checkpoint write(s) of a killed run: %s",
+                    len(removed), ", ".join(p.name for p in removed))  # fmt: skip
+    return removed
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A file checkpoint is a readable zip (torch.save's format: its directory sits at the end,
+    so a torn file fails); a sharded directory has its index (``.metadata`` for torch
+    distributed checkpoints, ``latest`` for DeepSpeed)."""
+    if path.is_file():
+        return zipfile.is_zipfile(path)
+    if path.is_dir():
+        return (path / ".metadata").exists() or (path / "latest").exists()
+    return False
+
+
+def resume_candidates(out_dir: Path) -> list[Path]:
+    """Checkpoints of the run in ``out_dir``, newest first: ``checkpoints/*.ckpt`` (``last``,
+    periodic, preemption) and Lightning's SLURM ``hpc_ckpt_*.ckpt``."""
+    found = [*(out_dir / "checkpoints").glob("*.ckpt"), *out_dir.glob("hpc_ckpt_*.ckpt")]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def find_resume_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint of the run in ``out_dir`` (partials removed, torn files
+    skipped with a warning), or None."""
+    out = Path(out_dir)
+    remove_partial_writes(out / "checkpoints")
+    remove_partial_writes(out)
+    for path in resume_candidates(out):
+        if is_complete_checkpoint(path):
+            return path
+        log.warning("skipping %s: incomplete or unreadable checkpoint", path)
+    return None
+
+
+def resolve_ckpt_path(value: Any, out_dir: str | os.PathLike[str]) -> str | None:
+    """``ckpt_path`` as given by the user -> the file to resume from (or None = fresh start).
+
+    - ``null``: a fresh start (Lightning still resumes a SLURM ``hpc_ckpt`` by itself);
+    - ``auto``: the newest complete checkpoint in this run's directory if any, else a fresh
+      start (for launch scripts that requeue the same command);
+    - ``last``: the same, but it must exist;
+    - a path: it must exist and be complete.
+    """
+    if value in (None, "", "null", "None"):
+        return None
+    out = Path(out_dir)
+    if value in RESUME_KEYWORDS:
+        found = find_resume_checkpoint(out)
+        if found is None and value == "last":
+            raise MissingCheckpointError(
+                f"ckpt_path=last: no checkpoint in {out / 'checkpoints'}. Resume a run by giving "
+                "its directory (paths.output_dir=DIR) or a checkpoint file (ckpt_path=FILE); "
+                "ckpt_path=auto starts fresh when there is none"
+            )
+        if found is None:
+            log.info("ckpt_path=auto: no checkpoint in %s, starting from the beginning", out)
+            return None
+        log.info("resuming from %s", found)
+        return str(found)
+    path = Path(str(value)).expanduser()
+    if not path.exists():
+        raise MissingCheckpointError(f"ckpt_path={value} does not exist")
+    if not is_complete_checkpoint(path):
+        raise CheckpointError(
+            f"ckpt_path={value} is not a complete checkpoint (truncated or not written by "
+            "Lightning); the previous one in its folder is intact: list it and pass it instead"
+        )
+    return str(path)
+
+
+def check_resume_checkpoint(path: str | os.PathLike[str], arch: LlamaConfig, stage: str) -> None:
+    """Refuse, before any model is built, a checkpoint of another stage or architecture.
+
+    Reads the ``checkpoint["llamalab"]`` header (docs/interfaces.md) with ``mmap`` (no weights
+    are read); directories (DeepSpeed / FSDP) are checked later, tensor by tensor.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return
+    try:
+        ckpt = torch.load(p, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"ckpt_path={p} cannot be read: {err}") from err
+    meta = ckpt.get("llamalab") if isinstance(ckpt, dict) else None
+    if meta is None:
+        raise CheckpointError(
+            f"ckpt_path={p} is not a llamalab training checkpoint (no 'llamalab' header); to "
+            "start from other weights use stage.init instead"
+        )
+    if meta.get("stage", stage) != stage:
+        raise CheckpointError(
+            f"ckpt_path={p} was written by stage '{meta['stage']}', this is stage '{stage}': "
+            f"resume a run with its own stage, or start '{stage}' from it with stage.init"
+        )
+    saved = meta.get("model_config", {})
+    ours = arch.to_dict()
+    diffs = [
+        f"{k}={saved[k]!r} (this run: {ours.get(k)!r})" for k in saved if saved[k] != ours.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"ckpt_path={p} holds another architecture: "
+            + ", ".join(diffs)
+            + "; resume with the model settings it was trained with"
+        )
+
+
+def check_state_shapes(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str
+) -> None:
+    """Every tensor of ``state`` the module also has must have the module's shape; names the
+    module lacks are errors. Missing names are left to the caller (PPO refills its frozen
+    models). Sharded placeholders (ZeRO-3's empty tensors, meta) are not compared."""
+    expected = module.state_dict()
+    problems = []
+    for name, tensor in state.items():
+        if name not in expected:
+            problems.append(f"unexpected tensor {name}")
+            continue
+        want = expected[name]
+        if want.numel() == 0 or want.is_meta or not hasattr(tensor, "shape"):
+            continue
+        if tuple(tensor.shape) != tuple(want.shape):
+            problems.append(
+                f"tensor {name} has shape {tuple(tensor.shape)}, model expects {tuple(want.shape)}"
+            )
+    if problems:
+        shown = "; ".join(problems[:6]) + (
+            f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else ""
+        )
+        raise CheckpointError(f"checkpoint {source}: {shown}")
+
+
+# ---------------------------------------------------------------------------- preemption exit
+class Preempted(SystemExit):
+    """The run stopped on a preemption signal after saving its checkpoint; the process exits
+    with ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), like a process the signal killed,
+    so launch scripts and schedulers see that it did not finish."""
+
+    def __init__(self, signum: int, saved: str | None) -> None:
+        super().__init__(128 + int(signum))
+        self.signum, self.saved = int(signum), saved
+
+
+def fit(trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None) -> None:
+    """``trainer.fit``; raises :class:`Preempted` when a preemption signal stopped it (after
+    :class:`llamalab.callbacks.PreemptionCheckpoint` saved ``checkpoints/last.ckpt``)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from llamalab.callbacks import PreemptionCheckpoint
+
+    callback = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning stopped before our callback could (see its docstring)
+        saved = callback.saved_path if callback is not None else None
+        raise Preempted(signal.SIGTERM, saved) from None
+    if callback is not None and callback.signum is not None:
+        raise Preempted(callback.signum, callback.saved_path)

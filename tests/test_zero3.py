@@ -1,0 +1,236 @@
+"""ZeRO-3 on 2 CPU processes, for real: partitioned building and loading, the gathered copy
+(export and generation), the lockstep fallback; then whole runs through ``src/train.py`` under
+ddp, fsdp and deepspeed_zero3: one step's loss equals the single-process run's, the consolidated
+export equals the weights in the shards, and a resumed run ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from _helpers_rlhf import make_policy, make_reward_model, tiny_config
+
+from llamalab.checkpoint import load_model
+from llamalab.model import Llama
+from llamalab.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+EXT_DIR = str(REPO / ".cache" / "torch_extensions")  # DeepSpeed's shm_comm, compiled once
+pytestmark = [pytest.mark.distributed]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- in-process ZeRO-3
+def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_PORT=str(port),
+                      MASTER_ADDR="127.0.0.1", LOCAL_WORLD_SIZE="2")  # fmt: skip
+    torch.set_num_threads(1)
+    import deepspeed
+
+    from llamalab.generation import generate
+    from llamalab.scale.build import build_pretrained, full_shape
+    from llamalab.scale.zero_gen import LockstepModel, consolidated
+
+    deepspeed.init_distributed("gloo")
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3,
+           "stage3_param_persistence_threshold": 0}}  # fmt: skip
+    with deepspeed.zero.Init(config_dict_or_path=cfg):  # what Lightning wraps configure_model in
+        models = {
+            "actor": build_pretrained(world["sft"], "lm", "zero3", trainable=True),
+            "reference": build_pretrained(world["sft"], "lm", "zero3", trainable=False),
+            "reward": build_pretrained(world["rm"], "scalar", "zero3", trainable=False),
+            "critic_from_lm": build_pretrained(world["sft"], "scalar", "zero3", trainable=True),
+        }
+    parts = {}
+    for role, model in models.items():
+        for name, p in model.named_parameters():
+            full = torch.Size(full_shape(p)).numel()
+            # each rank holds ceil(numel / 2) elements (its partition), never the whole tensor
+            parts[f"{role}.{name}"] = (p.ds_tensor.numel(), full, p.numel())
+    engine, *_ = deepspeed.initialize(model=torch.nn.ModuleDict(models), config=cfg,
+                                      model_parameters=[])  # fmt: skip
+    actor = engine.module["actor"].eval()
+    prompts = [[1, 5, 9, 11], [1, 7]] if rank == 0 else [[1, 4, 4]]
+    with torch.no_grad(), consolidated(actor, "zero3") as copy:
+        fast = generate(copy, prompts, 6, temperature=0.0, eos_id=None).tokens  # type: ignore[arg-type]
+        state = {k: v.clone() for k, v in copy.state_dict().items()}  # type: ignore[union-attr]
+    lockstep = LockstepModel(actor)
+    with torch.no_grad():
+        # rank 1 stops after 2 tokens: rank 0's longer generation must not hang
+        slow = generate(lockstep, prompts, 6 if rank == 0 else 2, temperature=0.0).tokens  # type: ignore[arg-type]
+    lockstep.finish()
+    with consolidated(engine.module["reward"], "zero3", rank0_only=True) as rm_copy:
+        rm_state = None if rm_copy is None else rm_copy.state_dict()
+    torch.save({"parts": parts, "fast": fast, "slow": slow, "actor": state, "rm": rm_state},
+               f"{out}/rank{rank}.pt")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from _helpers_data import small_tokenizer
+
+    root = tmp_path_factory.mktemp("z3_world")
+    tokenizer = small_tokenizer(tmp_path_factory)
+    return {
+        "tokenizer": str(tokenizer.model_path),
+        "sft": str(make_policy(root / "sft", tokenizer)),
+        "rm": str(make_reward_model(root / "rm", tokenizer)),
+    }
+
+
+@pytest.fixture(scope="module")
+def zero3_results(world: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("z3_out")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXT_DIR)
+    mp.spawn(_zero3_worker, args=(world, free_port(), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_each_rank_holds_only_its_half_of_every_parameter(zero3_results: list[dict]) -> None:
+    for result in zero3_results:
+        assert len(result["parts"]) > 4 * 10  # four models, every parameter
+        for name, (local, full, visible) in result["parts"].items():
+            assert local == -(-full // 2), name  # ceil(full / 2): a partition, not the tensor
+            assert visible == 0, name  # outside a gather the parameter holds nothing
+
+
+@pytest.mark.slow
+def test_partitioned_load_and_gathered_copy_equal_the_checkpoint(
+    zero3_results: list[dict], world: dict[str, str]
+) -> None:
+    expected = load_model(world["sft"]).state_dict()
+    for result in zero3_results:
+        assert result["actor"].keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(result["actor"][name], tensor, rtol=0, atol=0)
+    rm = load_model(world["rm"]).state_dict()
+    assert zero3_results[1]["rm"] is None  # rank0_only: the other ranks keep nothing
+    for name, tensor in rm.items():
+        torch.testing.assert_close(zero3_results[0]["rm"][name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_gathered_and_per_layer_generation_agree_with_a_plain_model(
+    zero3_results: list[dict], world: dict[str, str]
+) -> None:
+    from llamalab.generation import generate
+
+    plain = load_model(world["sft"])
+    for rank, prompts in ((0, [[1, 5, 9, 11], [1, 7]]), (1, [[1, 4, 4]])):
+        with torch.no_grad():
+            ref = generate(plain, prompts, 6, temperature=0.0, eos_id=None).tokens  # type: ignore[arg-type]
+        assert zero3_results[rank]["fast"] == ref
+        n = 6 if rank == 0 else 2
+        assert [row[:n] for row in zero3_results[rank]["slow"]] == [row[:n] for row in ref]
+
+
+# ---------------------------------------------------------------------------- src/train.py runs
+def train(args: list[str], cache: Path, timeout: int = 600) -> None:
+    from helpers import run_train
+
+    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR)}
+    proc = run_train(args, cache, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def pretrain_args(out: Path, *extra: str) -> list[str]:
+    return [
+        "logger=none", "plan.check=false", f"paths.output_dir={out}",
+        f"paths.outputs_root={out.parent / 'outs'}", "data.batch_size=1", "stage.batch_tokens=256",
+        "trainer.limit_val_batches=2", "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.model_checkpoint.save_top_k=-1", "~callbacks.progress_bar", *extra,
+    ]  # fmt: skip
+
+
+def distributed(strategy: str) -> list[str]:
+    return [f"strategy={strategy}", "trainer.devices=2", "trainer.accelerator=cpu"]
+
+
+def first_loss(run: Path) -> float:
+    with open(run / "csv" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    return float(rows[0]["train/loss"])
+
+
+def same_weights(a: str | Path, b: str | Path) -> None:
+    sa, sb = load_model(a).state_dict(), load_model(b).state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
+    """ddp pretraining from scratch (its export is everyone's init), then 2 steps from that init
+    single-process, under deepspeed_zero3 and under fsdp, and a ZeRO-3 run resumed at step 1."""
+    root = tmp_path_factory.mktemp("scale_runs")
+    r = {name: root / name for name in ("ddp", "single", "zero3", "fsdp", "resumed")}
+    train(pretrain_args(r["ddp"], "trainer.max_steps=2", *distributed("ddp")), cache_dir)
+    init = f"stage.init={r['ddp'] / 'export'}"
+    train(pretrain_args(r["single"], init, "trainer.max_steps=1"), cache_dir)
+    train(pretrain_args(r["zero3"], init, "trainer.max_steps=2", *distributed("deepspeed_zero3")), cache_dir)
+    train(pretrain_args(r["fsdp"], init, "trainer.max_steps=2", *distributed("fsdp")), cache_dir)
+    resume = f"ckpt_path={r['zero3'] / 'checkpoints' / 'step000001.ckpt'}"
+    train(pretrain_args(r["resumed"], init, resume, "trainer.max_steps=2", *distributed("deepspeed_zero3")),
+          cache_dir)  # fmt: skip
+    return r
+
+
+@pytest.mark.slow
+def test_one_step_loss_matches_the_single_process_run(runs: dict[str, Path]) -> None:
+    single = first_loss(runs["single"])
+    for name in ("zero3", "fsdp"):  # rank 0's first micro-batch is the single run's first
+        assert first_loss(runs[name]) == pytest.approx(single, rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_consolidated_export_equals_the_weights_in_the_shards(runs: dict[str, Path]) -> None:
+    zero3_last = runs["zero3"] / "checkpoints" / "step000002.ckpt"
+    assert (zero3_last / "latest").is_file()  # a DeepSpeed directory of per-rank partitions
+    same_weights(zero3_last, runs["zero3"] / "export")
+    fsdp_last = runs["fsdp"] / "checkpoints" / "step000002.ckpt"
+    assert (fsdp_last / ".metadata").is_file()  # a torch.distributed.checkpoint directory
+    same_weights(fsdp_last, runs["fsdp"] / "export")
+
+
+@pytest.mark.slow
+def test_resume_under_zero3_continues_exactly(runs: dict[str, Path]) -> None:
+    same_weights(runs["resumed"] / "export", runs["zero3"] / "export")
+    with pytest.raises(AssertionError):  # and the step did change the weights
+        same_weights(runs["zero3"] / "checkpoints" / "step000001.ckpt", runs["zero3"] / "export")
+
+
+# ---------------------------------------------------------------------------- PPO
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp", "ddp"])
+def test_ppo_runs_on_two_processes(
+    strategy: str, world: dict[str, str], tmp_path: Path, cache_dir: Path
+) -> None:
+    out = tmp_path / strategy
+    args = [
+        "stage=ppo", "logger=none", "callbacks=none", "plan.check=false", f"paths.output_dir={out}",
+        f"paths.outputs_root={tmp_path / 'outs'}", f"stage.init={world['sft']}",
+        f"stage.critic_init={world['rm']}", f"stage.reward_helpful={world['rm']}",
+        f"stage.reward_safety={world['rm']}", "stage.rollout_batch=4", "stage.mini_batch=4",
+        "stage.ppo_epochs=1", "stage.max_new_tokens=6", "stage.generation_batch=4",
+        "stage.eval_every=null", "stage.iterations=2", *distributed(strategy),
+    ]  # fmt: skip
+    train(args, cache_dir)
+    exported = load_model(out / "export")
+    assert isinstance(exported, Llama)
+    assert exported.config.vocab_size == Tokenizer(world["tokenizer"]).vocab_size
+    assert exported.config.dim == tiny_config(exported.config.vocab_size).dim
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv", newline="")))
+    assert sum(1 for r in rows if r.get("train/kl")) == 2  # two iterations logged
