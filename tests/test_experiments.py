@@ -98,13 +98,20 @@ def test_mean_spread_and_aggregate_by_hand() -> None:
         {"attention": "mha", "loss": 4.0},
     ]
     rows = aggregate(records, "attention", ["loss"])
-    assert rows[0] == {"attention": "mha", "n": 2, "loss_mean": 3.0, "loss_std": pytest.approx(2**0.5)}
+    assert rows[0] == {
+        "attention": "mha",
+        "n": 2,
+        "loss_mean": 3.0,
+        "loss_std": pytest.approx(2**0.5),
+    }
     assert rows[1]["attention"] == "mqa" and rows[1]["loss_std"] == 0.0
 
 
 def test_markdown_table_and_result_files(tmp_path: Path) -> None:
     rows = [{"attention": "mha", "loss_mean": 2.0, "loss_std": 0.25}]
-    text = markdown_table(rows, [("attention", "attention", str), ("loss", "loss±", "{:.2f}".format)])
+    text = markdown_table(
+        rows, [("attention", "attention", str), ("loss", "loss±", "{:.2f}".format)]
+    )
     assert text.splitlines() == ["| attention | loss |", "|---|---|", "| mha | 2.00 ± 0.25 |"]
     write_records([{"a": 1}, {"a": 2, "b": 3}], tmp_path / "r.csv")
     assert (tmp_path / "r.csv").read_text().splitlines() == ["a,b", "1,", "2,3"]
@@ -144,7 +151,9 @@ def test_attention_ablation_has_equal_parameters_and_kv_ratios(tmp_path: Path) -
     """FFN widened per attention kind so the totals match MHA's (within 0.05%)."""
     archs = {}
     for kind in ("mha", "gqa", "mqa"):
-        cfg = compose_config(["experiment=attention_ablation", f"attention={kind}"], output_dir=tmp_path)
+        cfg = compose_config(
+            ["experiment=attention_ablation", f"attention={kind}"], output_dir=tmp_path
+        )
         archs[kind] = architecture(cfg)
         assert archs[kind].attention_kind == kind
     mha = archs["mha"].num_params()
@@ -197,4 +206,6 @@ def test_optuna_search_two_trials_in_memory(tmp_path: Path, cache_dir: Path) -> 
     assert set(best["best_params"]) == {"stage.optim.lr", "stage.optim.warmup_steps"}
     assert 1e-4 <= best["best_params"]["stage.optim.lr"] <= 3e-3
     trial_losses = [final(r, "val/loss") for r in find_runs(sweep)]
-    assert len(trial_losses) == 2 and best["best_value"] == pytest.approx(min(trial_losses), rel=1e-5)
+    assert len(trial_losses) == 2 and best["best_value"] == pytest.approx(
+        min(trial_losses), rel=1e-5
+    )

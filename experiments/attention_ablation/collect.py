@@ -47,7 +47,9 @@ ARCH_KEYS += ("ffn_dim_multiplier", "ffn_hidden_dim", "norm_eps", "rope_theta", 
 def architecture(run: RunLog) -> LlamaConfig:
     """The run's exact architecture: its export's config.json, else the model config."""
     if run.path is not None and (run.path / "export" / "config.json").exists():
-        return LlamaConfig.from_hf_config(json.loads((run.path / "export" / "config.json").read_text()))
+        return LlamaConfig.from_hf_config(
+            json.loads((run.path / "export" / "config.json").read_text())
+        )
     return LlamaConfig.from_dict({k: run.get(f"model.{k}") for k in ARCH_KEYS})
 
 
@@ -91,7 +93,8 @@ def generation_speed(
                 generate(model, prompts, new_tokens, temperature=0.0, top_p=None, eos_id=None)
                 times[kind][batch].append(time.perf_counter() - start)
     return {
-        k: {b: b * new_tokens / statistics.median(ts) for b, ts in per.items()} for k, per in times.items()
+        k: {b: b * new_tokens / statistics.median(ts) for b, ts in per.items()}
+        for k, per in times.items()
     }
 
 
@@ -100,9 +103,10 @@ def first_exports(runs: list[RunLog], records: list[dict[str, Any]]) -> dict[str
     chosen: dict[str, tuple[int, Path]] = {}
     for run, rec in zip(runs, records):
         export = (run.path / "export") if run.path is not None else None
-        if export is not None and (export / "config.json").exists():
-            if rec["attention"] not in chosen or rec["seed"] < chosen[rec["attention"]][0]:
-                chosen[rec["attention"]] = (rec["seed"], export)
+        if export is None or not (export / "config.json").exists():
+            continue
+        if rec["attention"] not in chosen or rec["seed"] < chosen[rec["attention"]][0]:
+            chosen[rec["attention"]] = (rec["seed"], export)
     return {k: v[1] for k, v in sorted(chosen.items(), key=lambda kv: ORDER.get(kv[0], 9))}
 
 
@@ -134,8 +138,22 @@ def plot(runs: list[RunLog], summary: list[dict[str, Any]], large: int, path: Pa
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), dpi=90)
-    plot_curves(runs, "model.attention", "val/loss", path, ax=axes[0], title="validation loss (mean, min-max over seeds)")
-    plot_curves(runs, "model.attention", "train/loss", path, ax=axes[1], title="training loss (mean, min-max over seeds)")
+    plot_curves(
+        runs,
+        "model.attention",
+        "val/loss",
+        path,
+        ax=axes[0],
+        title="validation loss (mean, min-max over seeds)",
+    )
+    plot_curves(
+        runs,
+        "model.attention",
+        "train/loss",
+        path,
+        ax=axes[1],
+        title="training loss (mean, min-max over seeds)",
+    )
     kinds = [row["attention"] for row in summary]
     for i, (batch, label) in enumerate(((1, "batch 1"), (large, f"batch {large}"))):
         values = [row.get(f"gen_tps_{batch}", math.nan) for row in summary]
@@ -161,8 +179,12 @@ def load(args: argparse.Namespace) -> list[RunLog]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", help="sweep directory (default: outputs/attention_ablation/latest's sweep)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--runs", help="sweep directory (default: outputs/attention_ablation/latest's sweep)"
+    )
     ap.add_argument("--wandb-project", help="read the runs from the W&B API instead (online)")
     ap.add_argument("--wandb-group")
     ap.add_argument("--wandb-entity")
@@ -177,16 +199,24 @@ def main() -> None:
 
     runs = load(args)
     records = [run_record(r) for r in runs]
-    order = sorted(range(len(runs)), key=lambda i: (ORDER.get(records[i]["attention"], 9), records[i]["seed"]))
+    order = sorted(
+        range(len(runs)), key=lambda i: (ORDER.get(records[i]["attention"], 9), records[i]["seed"])
+    )
     runs, records = [runs[i] for i in order], [records[i] for i in order]
     metrics = ["final_val_loss", "final_train_loss", "train_tokens_per_s"]
     summary = aggregate(records, "attention", metrics)
     exports = first_exports(runs, records)
     batches = [1, args.large_batch]
-    speed = generation_speed(exports, batches, args.prompt_len, args.new_tokens, args.repeats) if exports else {}
+    speed = (
+        generation_speed(exports, batches, args.prompt_len, args.new_tokens, args.repeats)
+        if exports
+        else {}
+    )
     for row in summary:
         first = next(r for r in records if r["attention"] == row["attention"])
-        row.update({k: first[k] for k in ("params", "kv_heads", "ffn_hidden_dim", "kv_bytes_per_token")})
+        row.update(
+            {k: first[k] for k in ("params", "kv_heads", "ffn_hidden_dim", "kv_bytes_per_token")}
+        )
         for b in batches:
             row[f"gen_tps_{b}"] = speed.get(row["attention"], {}).get(b, math.nan)
 

@@ -40,7 +40,9 @@ class RunLog:
     def get(self, key: str, default: Any = None) -> Any:
         """A config value by dotted key (``model.attention``); ``default`` when it is missing or
         cannot be resolved outside Hydra (``${hydra:...}``)."""
-        value = OmegaConf.select(self.config, key, default=default, throw_on_resolution_failure=False)
+        value = OmegaConf.select(
+            self.config, key, default=default, throw_on_resolution_failure=False
+        )
         return default if value is None else value
 
 
@@ -48,7 +50,10 @@ class RunLog:
 def read_csv_metrics(path: str | Path) -> list[dict[str, float]]:
     """Lightning's ``metrics.csv`` as rows of floats (empty cells dropped)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+        return [
+            {k: float(v) for k, v in row.items() if v not in ("", None)}
+            for row in csv.DictReader(f)
+        ]
 
 
 def load_run(run_dir: str | Path) -> RunLog:
@@ -56,7 +61,9 @@ def load_run(run_dir: str | Path) -> RunLog:
     run_dir = Path(run_dir)
     metrics = run_dir / "csv" / "metrics.csv"
     if not metrics.exists():
-        raise FileNotFoundError(f"{run_dir} has no csv/metrics.csv: is it a src/train.py run directory?")
+        raise FileNotFoundError(
+            f"{run_dir} has no csv/metrics.csv: is it a src/train.py run directory?"
+        )
     config_file = run_dir / ".hydra" / "config.yaml"
     config = OmegaConf.load(config_file) if config_file.exists() else OmegaConf.create({})
     assert isinstance(config, DictConfig)
@@ -76,7 +83,9 @@ def _job_order(path: Path) -> tuple[int, str]:
     return (int(path.name), "") if path.name.isdigit() else (1 << 30, str(path))
 
 
-def wandb_runs(project: str, group: str | None = None, entity: str | None = None, api: Any = None) -> list[RunLog]:
+def wandb_runs(
+    project: str, group: str | None = None, entity: str | None = None, api: Any = None
+) -> list[RunLog]:
     """The runs of a W&B project (one sweep's ``group``) through the public API (online only).
 
     ``api`` defaults to ``wandb.Api()``; the history rows get ``step`` from ``trainer/global_step``
@@ -162,7 +171,9 @@ def aggregate(
 Formatter = Callable[[Any], str]
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Formatter]]) -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Formatter]]
+) -> str:
     """A Markdown table; ``columns`` are ``(header, key, format)`` and a key ending in ``±``
     shows ``<key>_mean ± <key>_std``."""
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -206,7 +217,9 @@ def _nan_to_none(data: Any) -> Any:
     return data
 
 
-def mean_curve(curves: Sequence[tuple[list[float], list[float]]]) -> tuple[list[float], list[float], list[float], list[float]]:
+def mean_curve(
+    curves: Sequence[tuple[list[float], list[float]]],
+) -> tuple[list[float], list[float], list[float], list[float]]:
     """``(xs, mean, low, high)`` over curves sampled at the same x values (runs of one token
     budget); only the x values every curve has are kept."""
     common = sorted(set.intersection(*(set(xs) for xs, _ in curves))) if curves else []

@@ -204,12 +204,13 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
     for name, lg_cfg in (cfg.get("logger") or {}).items():
         if lg_cfg is None or "_target_" not in lg_cfg:
             continue
-        kwargs: dict[str, Any] = {}
+        values = OmegaConf.to_container(lg_cfg, resolve=True)
+        assert isinstance(values, dict)
         if name == "wandb":
             from llamalab.tracking import wandb_kwargs
 
-            kwargs = wandb_kwargs(cfg, lg_cfg)
-        loggers.append(instantiate(lg_cfg, **kwargs))
+            values.update(wandb_kwargs(cfg, lg_cfg))  # mode, full config, sweep group
+        loggers.append(instantiate(values, _convert_="all"))
     return loggers
 
 

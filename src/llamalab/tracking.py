@@ -67,7 +67,10 @@ def wandb_kwargs(cfg: DictConfig, logger_cfg: DictConfig) -> dict[str, Any]:
     ``config`` that would swallow it; ``WandbTracking`` writes it into the run instead.
     """
     finish_previous_run()
-    kwargs: dict[str, Any] = {"offline": wandb_offline(logger_cfg), "tags": run_tags(cfg, logger_cfg)}
+    kwargs: dict[str, Any] = {
+        "offline": wandb_offline(logger_cfg),
+        "tags": run_tags(cfg, logger_cfg),
+    }
     group = sweep_group(cfg)
     if group:
         kwargs["group"] = group
@@ -80,7 +83,9 @@ def run_tags(cfg: DictConfig, logger_cfg: DictConfig | None = None) -> list[str]
     The configured ones (``tags`` in train.yaml) are stage, model and attention; the strategy and
     the seed are added here because they are what tells apart the runs of a sweep.
     """
-    configured = (logger_cfg.get("tags") if logger_cfg is not None else None) or cfg.get("tags") or []
+    configured = (
+        (logger_cfg.get("tags") if logger_cfg is not None else None) or cfg.get("tags") or []
+    )
     tags = [str(t) for t in configured]
     strategy = cfg.get("strategy")
     if isinstance(strategy, DictConfig) and strategy.get("name"):
@@ -187,7 +192,9 @@ class WandbTracking(L.Callback):
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Greedy continuations of the first validation windows, as table ``val/samples``."""
-        rows = pretrain_samples(trainer, pl_module, self.samples, self.prompt_tokens, self.new_tokens)
+        rows = pretrain_samples(
+            trainer, pl_module, self.samples, self.prompt_tokens, self.new_tokens
+        )
         if not rows:
             return
         for logger in wandb_loggers(trainer):
@@ -209,8 +216,12 @@ def pretrain_samples(
         return []
     from llamalab.generation import generate
 
-    prompts = [val_set[i]["input_ids"][:prompt_tokens].tolist() for i in range(min(n, len(val_set)))]
-    out = generate(getattr(model, "_orig_mod", model), prompts, new_tokens, temperature=0.0, top_p=None)
+    prompts = [
+        val_set[i]["input_ids"][:prompt_tokens].tolist() for i in range(min(n, len(val_set)))
+    ]
+    out = generate(
+        getattr(model, "_orig_mod", model), prompts, new_tokens, temperature=0.0, top_p=None
+    )
     step, seen = trainer.global_step, int(getattr(pl_module, "tokens_seen", 0))
     return [
         [step, seen, tokenizer.decode(p), tokenizer.decode(t)] for p, t in zip(prompts, out.tokens)
@@ -257,7 +268,7 @@ def wandb_records(path: str | Path) -> Iterator[Any]:
     data = Path(path).read_bytes()
     if not data.startswith(_FILE_HEADER):
         raise ValueError(f"{path} is not a W&B run file (header {data[:7]!r})")
-    pos, parts = len(_FILE_HEADER), []
+    pos, parts = len(_FILE_HEADER), list[bytes]()
     while pos + _CHUNK_HEADER <= len(data):
         left = _BLOCK - pos % _BLOCK
         if left < _CHUNK_HEADER:  # the writer pads a block's tail shorter than a header
@@ -269,7 +280,7 @@ def wandb_records(path: str | Path) -> Iterator[Any]:
         pos += _CHUNK_HEADER + length
         parts = [payload] if kind in (1, 2) else [*parts, payload]
         if kind in (1, 4):
-            record = pb.Record()
+            record = pb.Record()  # type: ignore[attr-defined]
             record.ParseFromString(b"".join(parts))
             yield record
 
@@ -282,7 +293,9 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
     """Read ``<run>/wandb/offline-run-*`` (or that folder itself, or its ``.wandb`` file)."""
     path = Path(run_dir)
     if path.is_dir() and not path.name.startswith(("offline-run-", "run-")):
-        found = sorted(path.glob("wandb/offline-run-*/run-*.wandb")) or sorted(path.glob("offline-run-*/run-*.wandb"))
+        found = sorted(path.glob("wandb/offline-run-*/run-*.wandb")) or sorted(
+            path.glob("offline-run-*/run-*.wandb")
+        )
         if not found:
             raise FileNotFoundError(f"no offline W&B run under {run_dir}")
         path = found[-1]
@@ -292,7 +305,11 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            run.name, run.group, run.tags = record.run.display_name, record.run.run_group, list(record.run.tags)
+            run.name, run.group, run.tags = (
+                record.run.display_name,
+                record.run.run_group,
+                list(record.run.tags),
+            )
             run.config.update(_items(record.run.config.update))
         elif kind == "config":
             run.config.update(_items(record.config.update))
@@ -301,5 +318,7 @@ def read_offline_run(run_dir: str | Path) -> OfflineRun:
         elif kind == "summary":
             run.summary.update(_items(record.summary.update))
         elif kind == "metric" and record.metric.step_metric:
-            run.step_metrics[record.metric.name or record.metric.glob_name] = record.metric.step_metric
+            run.step_metrics[record.metric.name or record.metric.glob_name] = (
+                record.metric.step_metric
+            )
     return run

@@ -199,6 +199,17 @@ class ResumableDataModule(LightningDataModule):
             self._tokenizer = Tokenizer(self.tokenizer_path)
         return self._tokenizer
 
+    def load_tokenizer(self) -> Tokenizer:
+        """The tokenizer (the entry point checks it against the model before building it)."""
+        if self._tokenizer is None and self.tokenizer_path is None:
+            from llamalab.data.errors import DataError
+
+            raise DataError(
+                "no tokenizer: the checkpoint in stage.init has no tokenizer.model next to it; "
+                "pass data.tokenizer_path=PATH/tokenizer.model"
+            )
+        return self.tokenizer
+
     def collate(self) -> Callable[[list[Any]], Any]:
         raise NotImplementedError
 

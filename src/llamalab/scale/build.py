@@ -103,7 +103,9 @@ def outside_zero_init() -> Iterator[None]:
     """Suspend an active ``deepspeed.zero.Init`` (modules built here stay whole, e.g. a
     checkpoint read into CPU memory by the fallback loader)."""
     try:
-        from deepspeed.runtime.zero import partition_parameters as pp  # type: ignore[import-not-found]
+        from deepspeed.runtime.zero import (
+            partition_parameters as pp,  # type: ignore[import-not-found]
+        )
     except ImportError:
         yield
         return
@@ -173,14 +175,18 @@ class LazyState(Mapping[str, torch.Tensor]):
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        root = self.path / "export" if (self.path / "export" / "config.json").exists() else self.path
+        root = (
+            self.path / "export" if (self.path / "export" / "config.json").exists() else self.path
+        )
         self._files: dict[str, Any] = {}
         self._where: dict[str, tuple[str, str]] = {}
         self._state: dict[str, torch.Tensor] | None = None
         if (root / "config.json").exists() and self._open_safetensors(root):
             cfg = json.loads((root / "config.json").read_text())
             self.config = LlamaConfig.from_hf_config(cfg)
-            self.head = "scalar" if "SequenceClassification" in str(cfg.get("architectures")) else "lm"
+            self.head = (
+                "scalar" if "SequenceClassification" in str(cfg.get("architectures")) else "lm"
+            )
         else:
             with outside_zero_init():
                 model = load_model(self.path)
@@ -334,5 +340,7 @@ def load_rlhf_models(module: Any, paths: Mapping[str, str]) -> dict[str, nn.Modu
         "rm_safety": build_pretrained(
             paths["safety"], "scalar", trainable=False, role="reward_safety", **kw
         ),
-        "critic": build_pretrained(paths["critic"], "scalar", trainable=True, role="critic_init", **kw),
+        "critic": build_pretrained(
+            paths["critic"], "scalar", trainable=True, role="critic_init", **kw
+        ),
     }

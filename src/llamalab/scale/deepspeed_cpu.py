@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-from lightning.fabric.utilities.seed import reset_seed
 
 
 class LlamaDeepSpeedStrategy(DeepSpeedStrategy):

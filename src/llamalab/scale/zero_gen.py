@@ -54,7 +54,9 @@ def unit_state(unit: nn.Module, prefix: str, mode: str, keep: bool) -> dict[str,
 
 
 @contextlib.contextmanager
-def consolidated(model: nn.Module, mode: str, rank0_only: bool = False) -> Iterator[nn.Module | None]:
+def consolidated(
+    model: nn.Module, mode: str, rank0_only: bool = False
+) -> Iterator[nn.Module | None]:
     """A plain copy of a ZeRO-3 / FSDP ``model`` (``model`` itself when ``mode="none"``).
 
     Every rank must enter (the gathers are collectives); with ``rank0_only`` only rank 0 keeps

@@ -203,7 +203,7 @@ class LlamaStage(L.LightningModule):
                 from llamalab.perf import measure_peak_flops
 
                 self._peak_flops = measure_peak_flops(self.dtype_for_peak(), self.device)
-            except Exception:  # noqa: BLE001 - MFU is informative only
+            except Exception:
                 self._peak_flops = float("nan")
         return self._peak_flops
 

@@ -1,0 +1,188 @@
+"""Crash safety: a process killed mid-write leaves the previous checkpoint loadable; SIGTERM and
+SIGUSR1 save a checkpoint, stop cleanly and the next launch resumes from it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import TRAIN
+from torch.utils.data import DataLoader, TensorDataset
+
+from llamalab.callbacks import PreemptionCheckpoint, RNGStateCheckpoint
+from llamalab.reliability import (
+    WRITE_DELAY_ENV,
+    AtomicCheckpointIO,
+    Preempted,
+    atomic_write,
+    checkpoint_plugins,
+)
+
+PRETRAIN = [
+    "logger=none", "plan.check=false", "~callbacks.progress_bar", "model.dim=64", "model.n_layers=2",
+    "model.n_heads=4", "model.max_seq_len=64", "data.batch_size=4", "stage.batch_tokens=256",
+    "trainer.limit_val_batches=1", "callbacks.model_checkpoint.every_n_train_steps=2",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def test_failed_write_keeps_the_previous_file(tmp_path: Path) -> None:
+    target = atomic_write(tmp_path / "a.ckpt", lambda f: torch.save({"v": 1}, f))
+
+    def broken(f) -> None:  # type: ignore[no-untyped-def]
+        f.write(b"PK half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert torch.load(target)["v"] == 1
+    assert list(tmp_path.iterdir()) == [target]  # the partial file is cleaned up
+
+
+def test_checkpoint_io_writes_a_loadable_file_and_is_used_for_single_file_strategies(
+    tmp_path: Path,
+) -> None:
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "sub" / "x.ckpt")
+    assert torch.equal(io.load_checkpoint(tmp_path / "sub" / "x.ckpt")["state_dict"]["w"], torch.ones(2))
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    assert isinstance(checkpoint_plugins("auto")[0], AtomicCheckpointIO)
+    assert isinstance(checkpoint_plugins(DDPStrategy())[0], AtomicCheckpointIO)
+    assert checkpoint_plugins(ModelParallelStrategy()) == []  # writes a sharded directory itself
+
+
+def _launch(args: list[str], cache_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "WANDB_MODE": "offline", "LLAMALAB_CACHE": str(cache_dir), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen(
+        [sys.executable, str(TRAIN), *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early (rc={proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path, cache_dir: Path) -> None:
+    """Every write pauses halfway (test hook); the run is killed while it overwrites last.ckpt
+    at step 4. last.ckpt of step 2 must load; ckpt_path=auto resumes from the newest complete
+    checkpoint (step000004.ckpt, written just before) and finishes."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    args = [*PRETRAIN, "trainer.max_steps=6", f"paths.output_dir={run}"]
+    proc = _launch(args, cache_dir, env={WRITE_DELAY_ENV: "3"})
+    _wait_for(lambda: (ckpts / "last.ckpt").exists() and any(ckpts.glob("last.ckpt.tmp-*")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    partial = next(ckpts.glob("last.ckpt.tmp-*"))
+    assert 0 < partial.stat().st_size  # killed mid-write: a torn file under the temporary name
+    previous = torch.load(ckpts / "last.ckpt", weights_only=False, map_location="cpu")
+    assert previous["global_step"] == 2 and "optimizer_states" in previous
+
+    resumed = _launch([*args, "ckpt_path=auto"], cache_dir)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    assert "removed 1 partial checkpoint write" in output
+    assert f"resuming from {ckpts / 'step000004.ckpt'}" in output
+    assert not partial.exists() and (run / "export" / "model.safetensors").exists()
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_sigterm_saves_stops_and_the_next_launch_resumes(tmp_path: Path, cache_dir: Path) -> None:
+    run = tmp_path / "run"
+    args = [*PRETRAIN, "trainer.max_steps=20", f"paths.output_dir={run}"]
+    proc = _launch(args, cache_dir)
+    _wait_for(lambda: (run / "checkpoints" / "step000002.ckpt").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "SIGTERM: stopped after step" in output and "ckpt_path=last" in output
+    assert "Traceback" not in output and not (run / "export").exists()
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert 2 <= saved["global_step"] < 20
+
+    resumed = _launch([*args, "ckpt_path=last"], cache_dir)
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 20
+    assert (run / "export" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------- in-process signals
+class _Regression(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _SendSignal(L.Callback):
+    def __init__(self, signum: int, at_batch: int) -> None:
+        self.signum, self.at_batch = signum, at_batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx == self.at_batch:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize(("signum", "accumulate", "saved_step"), [
+    (signal.SIGUSR1, 1, 3),  # the signal during batch 2 (step 3): saved after that step
+    (signal.SIGTERM, 1, 3),
+    (signal.SIGUSR1, 2, 2),  # during micro-batch 2 (accumulating): saved at the step boundary
+])  # fmt: skip
+def test_signal_saves_at_a_step_boundary_and_stops(
+    tmp_path: Path, signum: int, accumulate: int, saved_step: int
+) -> None:
+    data = TensorDataset(torch.randn(64, 4), torch.randn(64, 1))
+    preemption = PreemptionCheckpoint(tmp_path / "checkpoints")
+    trainer = L.Trainer(
+        max_steps=20, accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, plugins=[AtomicCheckpointIO()],
+        callbacks=[_SendSignal(signum, at_batch=2), preemption, RNGStateCheckpoint()],
+    )  # fmt: skip
+    handler_before = signal.getsignal(signum)
+    with pytest.raises(Preempted) as info:
+        _fit(trainer, data)
+    assert info.value.code == 128 + signum
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == saved_step == trainer.global_step
+    assert "llamalab.RNGStateCheckpoint" in saved["callbacks"]
+    assert signal.getsignal(signum) == handler_before  # handlers restored after fit
+
+
+def _fit(trainer: L.Trainer, data: TensorDataset) -> None:
+    """``llamalab.reliability.fit`` with a plain dataloader (no datamodule)."""
+    from llamalab import reliability
+
+    original = trainer.fit
+    trainer.fit = lambda module, datamodule=None, ckpt_path=None: original(  # type: ignore[method-assign]
+        module, train_dataloaders=DataLoader(data, batch_size=4), ckpt_path=ckpt_path
+    )
+    reliability.fit(trainer, _Regression(), None, None)
