@@ -115,7 +115,7 @@ def test_ppo_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_input
         f"stage.critic_init={rm}", f"stage.reward_helpful={rm}", f"stage.reward_safety={rm}",
         "stage.iterations=3", "stage.rollout_batch=8", "stage.mini_batch=4", "stage.ppo_epochs=1",
         "stage.max_new_tokens=8", "stage.generation_batch=8", "stage.eval_every=null",
-        "stage.adaptive_kl=true", "data.builtin_size=24",
+        "stage.adaptive_kl=true", "++data.builtin_size=24",
     ]  # fmt: skip
     a, b = straight_and_resumed(tmp_path, cache_dir, overrides, stop_at=2)  # 2 steps/iteration
     assert_identical(a, b)

@@ -32,15 +32,15 @@ STAGES: list[tuple[str, str, list[str]]] = [  # (name, output folder, overrides)
 # --quick: every stage a few steps (a smoke test of the pipeline and of results.json).
 QUICK = {
     "pretrain": ["trainer.max_steps=3", "trainer.val_check_interval=3"],
-    "sft": ["trainer.max_steps=3", "+trainer.limit_val_batches=1", "stage.sample_generations=0"],
-    "reward_helpful": ["trainer.max_steps=3", "+trainer.limit_val_batches=1"],
-    "reward_safety": ["trainer.max_steps=3", "+trainer.limit_val_batches=1"],
+    "sft": ["trainer.max_steps=3", "++trainer.limit_val_batches=1", "stage.sample_generations=0"],
+    "reward_helpful": ["trainer.max_steps=3", "++trainer.limit_val_batches=1"],
+    "reward_safety": ["trainer.max_steps=3", "++trainer.limit_val_batches=1"],
     "rejection_sampling": [
         "stage.max_prompts=8",
         "stage.num_samples=2",
         "stage.max_new_tokens=8",
         "trainer.max_steps=2",
-        "+trainer.limit_val_batches=1",
+        "++trainer.limit_val_batches=1",
     ],
     "ppo": [
         "stage.iterations=2",
