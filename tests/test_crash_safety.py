@@ -51,7 +51,9 @@ def test_checkpoint_io_writes_a_loadable_file_and_is_used_for_single_file_strate
 ) -> None:
     io = AtomicCheckpointIO()
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, tmp_path / "sub" / "x.ckpt")
-    assert torch.equal(io.load_checkpoint(tmp_path / "sub" / "x.ckpt")["state_dict"]["w"], torch.ones(2))
+    assert torch.equal(
+        io.load_checkpoint(tmp_path / "sub" / "x.ckpt")["state_dict"]["w"], torch.ones(2)
+    )
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     assert isinstance(checkpoint_plugins("auto")[0], AtomicCheckpointIO)
@@ -59,8 +61,15 @@ def test_checkpoint_io_writes_a_loadable_file_and_is_used_for_single_file_strate
     assert checkpoint_plugins(ModelParallelStrategy()) == []  # writes a sharded directory itself
 
 
-def _launch(args: list[str], cache_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    full_env = {**os.environ, "WANDB_MODE": "offline", "LLAMALAB_CACHE": str(cache_dir), **(env or {})}
+def _launch(
+    args: list[str], cache_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "LLAMALAB_CACHE": str(cache_dir),
+        **(env or {}),
+    }
     full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.Popen(
         [sys.executable, str(TRAIN), *args],
@@ -75,7 +84,9 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None: 
     deadline = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early (rc={proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(
+                f"run ended early (rc={proc.returncode}):\n{proc.stdout.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("timed out waiting for the run")
@@ -83,7 +94,9 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None: 
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path, cache_dir: Path) -> None:
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(
+    tmp_path: Path, cache_dir: Path
+) -> None:
     """Every write pauses halfway (test hook); the run is killed while it overwrites last.ckpt
     at step 4. last.ckpt of step 2 must load; ckpt_path=auto resumes from the newest complete
     checkpoint (step000004.ckpt, written just before) and finishes."""
@@ -95,7 +108,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     partial = next(ckpts.glob("last.ckpt.tmp-*"))
-    assert 0 < partial.stat().st_size  # killed mid-write: a torn file under the temporary name
+    assert partial.stat().st_size > 0  # killed mid-write: a torn file under the temporary name
     previous = torch.load(ckpts / "last.ckpt", weights_only=False, map_location="cpu")
     assert previous["global_step"] == 2 and "optimizer_states" in previous
 

@@ -24,7 +24,12 @@ from llamalab.reliability import (
     resolve_ckpt_path,
 )
 
-QUIET = ["logger=none", "plan.check=false", "trainer.deterministic=true", "+trainer.enable_progress_bar=false"]
+QUIET = [
+    "logger=none",
+    "plan.check=false",
+    "trainer.deterministic=true",
+    "+trainer.enable_progress_bar=false",
+]
 # Pretraining at a size that steps in well under a second on 2 cores; 2 micro-batches per step
 # (batch_tokens 512 = 2 x 4 x 64), so resuming must also respect gradient accumulation.
 PRETRAIN = [
@@ -49,12 +54,16 @@ def straight_and_resumed(
     assert result.returncode == 0, result.stderr[-3000:]
 
     result = run_train(
-        [*overrides, f"paths.output_dir={resumed}"], cache_dir, env={PREEMPT_AT_STEP_ENV: str(stop_at)}
+        [*overrides, f"paths.output_dir={resumed}"],
+        cache_dir,
+        env={PREEMPT_AT_STEP_ENV: str(stop_at)},
     )
     assert result.returncode == 143, result.stderr[-3000:]  # 128 + SIGTERM
     assert f"stopped after step {stop_at}" in result.stdout + result.stderr
     assert not (resumed / "export").exists()  # a preempted run exports nothing
-    saved = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    saved = torch.load(
+        resumed / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu"
+    )
     assert saved["global_step"] == stop_at
 
     result = run_train([*overrides, f"paths.output_dir={resumed}", "ckpt_path=last"], cache_dir)
@@ -74,7 +83,10 @@ def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model (critic and both RMs), written with save_hf in milliseconds."""
     tokenizer = small_tokenizer(tmp_path_factory)
     root = tmp_path_factory.mktemp("resume_inputs")
-    return {"policy": make_policy(root / "policy", tokenizer), "rm": make_reward_model(root / "rm", tokenizer)}
+    return {
+        "policy": make_policy(root / "policy", tokenizer),
+        "rm": make_reward_model(root / "rm", tokenizer),
+    }
 
 
 @pytest.mark.slow

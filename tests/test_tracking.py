@@ -149,4 +149,4 @@ def test_offline_multirun_is_one_group_with_metrics_config_and_tables(
     table = json.loads(table_file.read_text())
     assert table["columns"] == ["step", "tokens_seen", "prompt", "continuation"]
     assert len(table["data"]) == 4 and all(row[3] for row in table["data"])
-    assert runs[0].summary["val/samples"]["_type"] == "table-file"
+    assert runs[0].summary["val/samples/_type"] == "table-file"  # nested keys flattened with /

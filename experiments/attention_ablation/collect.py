@@ -29,6 +29,7 @@ from llamalab.experiments import (
     final,
     find_runs,
     markdown_table,
+    mean_spread,
     median,
     plot_curves,
     wandb_runs,
@@ -67,8 +68,27 @@ def run_record(run: RunLog) -> dict[str, Any]:
         "final_val_loss": final(run, "val/loss"),
         "final_train_loss": final(run, "train/loss"),
         "train_tokens_per_s": median(run, "train/tokens_per_s"),
-        "run": str(run.path or run.name),
+        "run": display_path(run.path) if run.path is not None else run.name,
     }
+
+
+def display_path(path: Path) -> str:
+    """Relative to the repository when inside it (the committed results name no home folders)."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def paired_deltas(
+    records: list[dict[str, Any]], key: str, baseline: str = "mha"
+) -> dict[str, list[float]]:
+    """attention -> ``key`` minus the baseline's ``key`` at the same seed (same data order), so
+    the seed-to-seed variation of the data cancels; seeds without a baseline run are skipped."""
+    base = {r["seed"]: r[key] for r in records if r["attention"] == baseline}
+    deltas: dict[str, list[float]] = {}
+    for r in records:
+        if r["seed"] in base:
+            deltas.setdefault(r["attention"], []).append(r[key] - base[r["seed"]])
+    return deltas
 
 
 def generation_speed(
@@ -124,6 +144,11 @@ def table(summary: list[dict[str, Any]], large: int) -> str:
         ("FFN hidden", "ffn_hidden_dim", str),
         ("KV bytes/token (bf16)", "kv_bytes_per_token", lambda v: f"{int(v):,}"),
         ("final val loss", "final_val_loss±", f3),
+        (
+            "Δ val loss vs MHA, same seed",
+            "val_loss_vs_mha±",
+            lambda v: "n/a" if math.isnan(v) else f"{v:+.3f}",
+        ),
         ("train tokens/s", "train_tokens_per_s±", f0),
         ("gen tokens/s, batch 1", "gen_tps_1", f0),
         (f"gen tokens/s, batch {large}", f"gen_tps_{large}", f0),
@@ -157,12 +182,12 @@ def plot(runs: list[RunLog], summary: list[dict[str, Any]], large: int, path: Pa
     kinds = [row["attention"] for row in summary]
     for i, (batch, label) in enumerate(((1, "batch 1"), (large, f"batch {large}"))):
         values = [row.get(f"gen_tps_{batch}", math.nan) for row in summary]
-        axes[2].bar([k + i * 0.4 for k in range(len(kinds))], values, width=0.4, label=label)
+        bars = axes[2].bar([k + i * 0.4 for k in range(len(kinds))], values, width=0.4, label=label)
+        axes[2].bar_label(bars, fmt="%.0f", fontsize=8)
     axes[2].set_xticks([k + 0.2 for k in range(len(kinds))], kinds)
-    axes[2].set_yscale("log")
     axes[2].set_ylabel("generated tokens/s")
     axes[2].set_title("greedy generation speed (KV cache)")
-    axes[2].legend()
+    axes[2].legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -192,8 +217,8 @@ def main() -> None:
     ap.add_argument("--large-batch", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)  # 2 threads stall on a busy 2-core box
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -212,7 +237,11 @@ def main() -> None:
         if exports
         else {}
     )
+    deltas = paired_deltas(records, "final_val_loss")
     for row in summary:
+        row["val_loss_vs_mha_mean"], row["val_loss_vs_mha_std"] = mean_spread(
+            deltas.get(row["attention"], [])
+        )
         first = next(r for r in records if r["attention"] == row["attention"])
         row.update(
             {k: first[k] for k in ("params", "kv_heads", "ffn_hidden_dim", "kv_bytes_per_token")}

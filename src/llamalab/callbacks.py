@@ -154,15 +154,16 @@ class PreemptionCheckpoint(Callback):
     def _same_folder(self, callback: Any) -> bool:
         if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
             return False
-        return bool(callback.dirpath) and Path(callback.dirpath).resolve() == self.dirpath.resolve()
+        folder = callback.dirpath
+        return folder is not None and Path(folder).resolve() == self.dirpath.resolve()
 
     def save(self, trainer: L.Trainer) -> None:
         """``<dirpath>/last.ckpt`` through the trainer (all ranks call it), made ModelCheckpoint's
         ``last`` when it writes to the same folder (so its next ``last`` replaces this one)."""
         path = self.dirpath / "last.ckpt"
         for callback in trainer.checkpoint_callbacks:
-            if self._same_folder(callback):
-                callback.last_model_path = str(path)  # type: ignore[union-attr]
+            if isinstance(callback, ModelCheckpoint) and self._same_folder(callback):
+                callback.last_model_path = str(path)
         trainer.save_checkpoint(str(path))
         self.saved_path, self.signum = str(path), self._pending
         if trainer.is_global_zero:
@@ -178,7 +179,8 @@ class PreemptionCheckpoint(Callback):
 def collect_rng_states() -> dict[str, Any]:
     """The global RNG states of torch (CPU and every CUDA device), numpy and Python, as
     tensors and plain numbers (loadable with ``torch.load(weights_only=True)``)."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state: Any = np.random.get_state(legacy=True)  # (kind, keys, pos, has_gauss, gauss)
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     py_version, py_state, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -182,7 +182,8 @@ def markdown_table(
         for _, key, fmt in columns:
             if key.endswith("±"):
                 base = key[:-1]
-                cells.append(f"{fmt(row[base + '_mean'])} ± {fmt(row[base + '_std'])}")
+                spread = fmt(row[base + "_std"]).lstrip("+")  # a spread has no sign
+                cells.append(f"{fmt(row[base + '_mean'])} ± {spread}")
             else:
                 cells.append(fmt(row[key]))
         lines.append("| " + " | ".join(cells) + " |")

@@ -18,7 +18,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -65,11 +65,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     tmp = final.with_name(f"{final.name}{PARTIAL}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            write(
-                _SlowWriter(f, float(os.environ[WRITE_DELAY_ENV]))
-                if WRITE_DELAY_ENV in os.environ
-                else f
-            )
+            delay = os.environ.get(WRITE_DELAY_ENV)
+            write(cast(IO[bytes], _SlowWriter(f, float(delay))) if delay else f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -83,7 +80,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
 class _SlowWriter:
     """A file wrapper that pauses once, after its first write reached the disk (test hook)."""
 
-    def __init__(self, f: IO[bytes], delay: float) -> None:
+    def __init__(self, f: Any, delay: float) -> None:
         self.f, self.delay, self.paused = f, delay, False
 
     def write(self, data: bytes) -> int:
@@ -222,8 +219,9 @@ def resolve_ckpt_path(value: Any, out_dir: str | os.PathLike[str]) -> str | None
         raise MissingCheckpointError(f"ckpt_path={value} does not exist")
     if not is_complete_checkpoint(path):
         raise CheckpointError(
-            f"ckpt_path={value} is not a complete checkpoint (truncated or not written by "
-            "Lightning); the previous one in its folder is intact: list it and pass it instead"
+            f"ckpt_path={value} is not a complete checkpoint (truncated, or not written by "
+            "Lightning): pass an earlier one from its folder, or ckpt_path=auto for the newest "
+            "complete checkpoint of the run in paths.output_dir"
         )
     return str(path)
 

@@ -256,7 +256,7 @@ class OfflineRun:
     group: str
     tags: list[str]
     config: dict[str, Any]
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]]  # nested keys flattened: "val/samples/_type"
     summary: dict[str, Any]
     step_metrics: dict[str, str]  # metric name or glob -> its x-axis metric
 
