@@ -190,11 +190,6 @@ def _write_text(path: Path) -> None:
         pq.write_table(pa.table({"text": DOCS}), path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="data/corpus.py lets UnicodeDecodeError (invalid UTF-8 in .txt/.jsonl) and pyarrow's "
-    "OSError/ArrowInvalid (corrupt .parquet) escape instead of DataError naming the file",
-)
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     suffix=st.sampled_from([".txt", ".jsonl", ".parquet"]),

@@ -130,7 +130,14 @@ def check_inputs(cfg: DictConfig) -> dict[str, Path]:
     """Every input must exist; the message names it and the command that produces it."""
     found, missing = {}, []
     hints = STAGE_INPUTS.get(cfg.stage.name, {})
-    for role, path in stage_inputs(cfg).items():
+    inputs = stage_inputs(cfg)
+    for role in hints:  # a required input set to null is as missing as a wrong path
+        if role not in inputs:
+            missing.append(
+                f"  stage.{role} is not set: produce it with `{hints[role]}` or point "
+                f"stage.{role} at a checkpoint"
+            )
+    for role, path in inputs.items():
         p = Path(path)
         if not p.exists():
             hint = hints.get(role, "")

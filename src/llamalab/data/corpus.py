@@ -140,11 +140,20 @@ def _text_files(root: Path) -> list[Path]:
 
 
 def _read_file(file: Path) -> list[str]:
-    if file.suffix == ".txt":
-        return list(_txt_documents(file.read_text(encoding="utf-8")))
-    if file.suffix == ".jsonl":
-        return list(_jsonl_documents(file))
-    return _parquet_documents(file)
+    """Documents of one file; undecodable text or a corrupt Parquet file -> DataError naming it."""
+    import pyarrow as pa
+
+    try:
+        if file.suffix == ".txt":
+            return list(_txt_documents(file.read_text(encoding="utf-8")))
+        if file.suffix == ".jsonl":
+            return list(_jsonl_documents(file))
+        return _parquet_documents(file)
+    except UnicodeDecodeError as err:  # .txt: err.start is an offset into the whole file
+        line = file.read_bytes()[: err.start].count(b"\n") + 1 if file.suffix == ".txt" else None
+        raise DataError(f"not valid UTF-8 ({err.reason})", str(file), line) from err
+    except (OSError, pa.ArrowException) as err:
+        raise DataError(f"cannot read as {file.suffix[1:]}: {err}", str(file)) from err
 
 
 def _txt_documents(text: str) -> Iterator[str]:
@@ -160,8 +169,12 @@ def _txt_documents(text: str) -> Iterator[str]:
 
 
 def _jsonl_documents(file: Path) -> Iterator[str]:
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"not valid UTF-8 ({err.reason})", str(file), line_no) from err
             if not line.strip():
                 continue
             try:

@@ -57,6 +57,13 @@ class LlamaStage(L.LightningModule):
         **unused: Any,
     ) -> None:
         super().__init__()
+        if unused:  # a typo in a stage key must not pass silently
+            from llamalab.model.config import ConfigError
+
+            raise ConfigError(
+                f"unknown stage setting(s) {sorted(unused)} for {type(self).__name__} "
+                f"(stage={name}); check the spelling against configs/stage/{name}.yaml"
+            )
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"stage.nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.save_hyperparameters(ignore=["unused"])
