@@ -99,6 +99,9 @@ def test_incremental_decoder_rebuilds_the_text(tok) -> None:
     decoder = IncrementalDecoder(tok)
     pieces = [decoder.push(t) for t in ids]
     assert "".join(pieces) == tok.decode(ids[:-1]) == decoder.text
+    decoder = IncrementalDecoder(tok)
+    shown = [decoder.push(t) for t in tok.encode("Done. ")]  # the answer's trailing space
+    assert "".join(shown) == "Done." and decoder.text == tok.decode(tok.encode("Done. "))
     assert all("\ufffd" not in p for p in pieces)  # split multi-byte characters were held back
 
 

@@ -132,21 +132,28 @@ def stream_tokens(
 class IncrementalDecoder:
     """Token ids in, new text out: decodes the whole answer so far and returns what was not
     shown yet (SentencePiece joins pieces with spaces and bytes into characters, so a piece
-    alone does not decode right). An incomplete UTF-8 byte sequence is held back."""
+    alone does not decode right). An incomplete UTF-8 byte sequence and trailing whitespace
+    (the chat format ends every answer with a space before EOS) are held back until more text
+    follows. `text` is everything decoded so far."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.text = ""
+        self.shown = ""
 
     def push(self, token: int) -> str:
         if token == self.tokenizer.eos_id:
             return ""
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
+        if text.endswith("\ufffd"):
             return ""
-        new, self.text = text[len(self.text) :], text
+        self.text = text
+        visible = text.rstrip()
+        if not visible.startswith(self.shown):
+            return ""
+        new, self.shown = visible[len(self.shown) :], visible
         return new
 
 
