@@ -104,7 +104,6 @@ def _stage(tok, tmp_path: Path, **kwargs):  # type: ignore[no-untyped-def]
     return SFTStage(arch=arch, optim=optim, tokenizer_path=str(tok.model_path), **kwargs)
 
 
-@pytest.mark.slow
 def test_sft_stage_trains_and_writes_samples(tmp_path_factory, tmp_path: Path) -> None:
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
