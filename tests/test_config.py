@@ -77,7 +77,9 @@ def test_attention_group_overrides_only_kv_heads() -> None:
         cfg = compose_config(["model=70b", f"attention={attention}"])
         assert architecture(cfg).kv_heads == kv
         assert cfg.model.attention == attention
-        changed = {k for k in base if k not in ("n_kv_heads", "attention") and base[k] != cfg.model[k]}
+        changed = {
+            k for k in base if k not in ("n_kv_heads", "attention") and base[k] != cfg.model[k]
+        }
         assert not changed
     assert architecture(compose_config(["attention=gqa"])).kv_heads == 2  # tiny's GQA count
 
@@ -93,7 +95,9 @@ def test_override_typos_fail_at_composition() -> None:
 
 def test_impossible_architecture_is_caught_when_composed() -> None:
     cfg = compose_config(["model.n_kv_heads=3"])
-    with pytest.raises(ConfigError, match="n_heads \\(8\\) must be divisible by n_kv_heads \\(3\\)"):
+    with pytest.raises(
+        ConfigError, match="n_heads \\(8\\) must be divisible by n_kv_heads \\(3\\)"
+    ):
         architecture(cfg)
 
 

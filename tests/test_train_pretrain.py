@@ -19,7 +19,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_short_pretraining_run_writes_export_latest_and_logs(tmp_path: Path, cache_dir: Path) -> None:
+def test_short_pretraining_run_writes_export_latest_and_logs(
+    tmp_path: Path, cache_dir: Path
+) -> None:
     outputs = tmp_path / "outputs"
     result = run_train([*QUICK, f"paths.outputs_root={outputs}"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -48,8 +50,12 @@ def test_resolved_output_dir_override(tmp_path: Path, cache_dir: Path) -> None:
     assert (run_dir / "export" / "model.safetensors").exists()
 
 
-def test_dry_run_prints_plan_and_writes_json_without_allocating(tmp_path: Path, cache_dir: Path) -> None:
-    result = run_train(["model=70b", "stage=ppo", "dry_run=true", f"paths.output_dir={tmp_path}"], cache_dir)
+def test_dry_run_prints_plan_and_writes_json_without_allocating(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    result = run_train(
+        ["model=70b", "stage=ppo", "dry_run=true", f"paths.output_dir={tmp_path}"], cache_dir
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "68,976,648,192" in result.stdout and "68,714,512,384" in result.stdout
     plan = json.loads((tmp_path / "plan.json").read_text())
@@ -58,7 +64,9 @@ def test_dry_run_prints_plan_and_writes_json_without_allocating(tmp_path: Path, 
 
 def test_missing_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -> None:
     missing = tmp_path / "nope.txt"
-    result = run_train([*QUICK, f"data.path={missing}", f"paths.output_dir={tmp_path / 'r'}"], cache_dir)
+    result = run_train(
+        [*QUICK, f"data.path={missing}", f"paths.output_dir={tmp_path / 'r'}"], cache_dir
+    )
     assert result.returncode == 1
     assert str(missing) in result.stderr and "Traceback" not in result.stderr
 
@@ -66,15 +74,18 @@ def test_missing_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -
 def test_empty_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    result = run_train([*QUICK, f"data.path={empty}", f"paths.output_dir={tmp_path / 'r'}"], cache_dir)
+    result = run_train(
+        [*QUICK, f"data.path={empty}", f"paths.output_dir={tmp_path / 'r'}"], cache_dir
+    )
     assert result.returncode == 1
     assert "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_tokenizer_vocabulary_mismatch_stops_before_training(tmp_path: Path, cache_dir: Path) -> None:
-    from llamalab.tokenizer import Tokenizer
-
+def test_tokenizer_vocabulary_mismatch_stops_before_training(
+    tmp_path: Path, cache_dir: Path
+) -> None:
     from llamalab.data.stdlib_docs import pydoc_topics
+    from llamalab.tokenizer import Tokenizer
 
     texts = [e.doc for e in pydoc_topics()]
     tok = Tokenizer.train(texts, tmp_path / "small.model", vocab_size=400)

@@ -20,7 +20,8 @@ def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float | None = None
 ) -> list[dict[str, Any]]:
     """Two AdamW groups: matrices (decayed) and 1-D tensors such as norm weights (not decayed)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in named_params:
         if not p.requires_grad:
             continue
@@ -45,10 +46,14 @@ def build_adamw(
     """AdamW; ``fused=None`` uses the fused kernel when every parameter is on CUDA."""
     if fused is None:
         fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
+    return torch.optim.AdamW(
+        groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, fused=fused or None
+    )
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str) -> float:
+def lr_factor(
+    step: int, warmup_steps: int, total_steps: int, min_ratio: float, schedule: str
+) -> float:
     """Multiplier of the peak LR at optimizer step ``step`` (0-based).
 
     Linear warmup from ``1/warmup`` to 1 over ``warmup_steps``, then ``cosine`` decay to

@@ -94,7 +94,9 @@ def print_config(cfg: DictConfig) -> None:
     tree = Tree("config", guide_style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key), style="bold")
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        text = (
+            OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        )
         branch.add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
     rprint(tree)
 
@@ -143,7 +145,11 @@ def check_inputs(cfg: DictConfig) -> dict[str, Path]:
             hint = hints.get(role, "")
             missing.append(
                 f"  stage.{role}={path} does not exist"
-                + (f": produce it with `{hint}` or point stage.{role} at a checkpoint" if hint else "")
+                + (
+                    f": produce it with `{hint}` or point stage.{role} at a checkpoint"
+                    if hint
+                    else ""
+                )
             )
         else:
             found[role] = resolve_export_dir(p)
@@ -297,9 +303,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load() if load is not None else datamodule.tokenizer
     check_vocab(arch, tokenizer.vocab_size, str(tokenizer.model_path))
 
+    stage_values = OmegaConf.to_container(cfg.stage, resolve=True)
+    assert isinstance(stage_values, dict)
     stage_kwargs: dict[str, Any] = {
-        k: (str(resolved[k]) if k in resolved else v)
-        for k, v in OmegaConf.to_container(cfg.stage, resolve=True).items()  # type: ignore[union-attr]
+        str(k): (str(resolved[str(k)]) if str(k) in resolved else v)
+        for k, v in stage_values.items()
     }
     stage_kwargs.pop("_target_")
     module = instantiate(

@@ -161,7 +161,9 @@ def _collect_entries() -> tuple[DocEntry, ...]:
                         continue
                     mdoc = _clean(getattr(meth, "__doc__", None))
                     if mdoc:
-                        entries[f"{qual}.{meth_name}"] = DocEntry(f"{qual}.{meth_name}", "method", mdoc)
+                        entries[f"{qual}.{meth_name}"] = DocEntry(
+                            f"{qual}.{meth_name}", "method", mdoc
+                        )
     return tuple(entries[k] for k in sorted(entries))
 
 

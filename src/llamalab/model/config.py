@@ -38,7 +38,9 @@ class LlamaConfig:
         if self.n_kv_heads is not None and (
             not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0
         ):
-            problems.append(f"n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}")
+            problems.append(
+                f"n_kv_heads must be a positive integer or None, got {self.n_kv_heads!r}"
+            )
         if self.ffn_hidden_dim is not None and self.ffn_hidden_dim <= 0:
             problems.append(f"ffn_hidden_dim must be positive, got {self.ffn_hidden_dim}")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:

@@ -48,6 +48,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self._initial_len = max_seq_len
@@ -60,7 +62,10 @@ class RotaryEmbedding(nn.Module):
         device = device or self.cos.device
         inv_freq = 1.0 / (
             self.theta
-            ** (torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+            ** (
+                torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
+                / self.head_dim
+            )
         )
         angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)  # (length, head_dim), rotate-half layout

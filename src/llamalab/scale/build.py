@@ -162,7 +162,7 @@ def build(
     else:
         model = cls(config)  # under zero.Init (ZeRO-3) it is partitioned module by module
     init_weights(model, mode)
-    return model
+    return model  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------- reading
@@ -316,7 +316,7 @@ def build_pretrained(
     if trainable:
         model.train()
         return model
-    return freeze(model)
+    return freeze(model)  # type: ignore[return-value]
 
 
 def stage_mesh(module: Any, mode: str) -> Any:

@@ -86,7 +86,9 @@ class LlamaStage(L.LightningModule):
 
         mode = module_sharding(self)
         if mode != "none":
-            return build(self.head, self.arch, mode, stage_mesh(self, mode), stage_device(self, mode))
+            return build(
+                self.head, self.arch, mode, stage_mesh(self, mode), stage_device(self, mode)
+            )
         cls = Llama if self.head == "lm" else LlamaScalar
         model = cls(self.arch)
         if not any(p.is_meta for p in model.parameters()):
@@ -132,9 +134,9 @@ class LlamaStage(L.LightningModule):
         """Activation checkpointing and compile, applied from outside the model file."""
         from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks
 
-        if self.hparams.activation_checkpointing:
+        if self.hparams["activation_checkpointing"]:
             apply_activation_checkpointing(model)
-        if self.hparams.compile:
+        if self.hparams["compile"]:
             compile_blocks(model)
         return model
 
@@ -146,7 +148,9 @@ class LlamaStage(L.LightningModule):
     def warmup_steps(self, total: int) -> int:
         o = self.optim_cfg
         if "warmup_ratio" in o:  # reward models: 3% of steps, at least 5 (PAPER.md §3.2.2)
-            return min(total, max(int(o.get("min_warmup_steps", 0)), round(o["warmup_ratio"] * total)))
+            return min(
+                total, max(int(o.get("min_warmup_steps", 0)), round(o["warmup_ratio"] * total))
+            )
         return int(o.get("warmup_steps", 0))
 
     def configure_optimizers(self) -> Any:
@@ -167,14 +171,17 @@ class LlamaStage(L.LightningModule):
             o.get("min_lr_ratio", 0.1),
             o.get("schedule", "cosine"),
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     # ------------------------------------------------------------------ guards and logging
     def check_finite(self, value: torch.Tensor, what: str) -> bool:
         """True when finite. Otherwise raise (``nonfinite=stop``) or return False (``skip``)."""
         if torch.isfinite(value).all():
             return True
-        if self.hparams.nonfinite == "skip":
+        if self.hparams["nonfinite"] == "skip":
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
             return False
@@ -198,7 +205,9 @@ class LlamaStage(L.LightningModule):
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
+        )
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         if not self.check_finite(norm, "gradient norm"):
             for p in self.parameters():  # AdamW leaves gradient-less parameters untouched
@@ -216,7 +225,13 @@ class LlamaStage(L.LightningModule):
 
     def dtype_for_peak(self) -> torch.dtype:
         precision = str(getattr(self.trainer, "precision", "32"))
-        return torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else torch.float32
+        return (
+            torch.bfloat16
+            if "bf16" in precision
+            else torch.float16
+            if "16" in precision
+            else torch.float32
+        )
 
     def log_throughput(self, tokens: int, flops_per_token: float | None = None) -> None:
         """tokens/s, tokens seen and MFU for this optimizer step (all ranks together)."""
@@ -268,5 +283,5 @@ class LlamaStage(L.LightningModule):
         tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         model = self.export_model() if model is None else model
         model = getattr(model, "_orig_mod", model)
-        save_hf(model, tokenizer, path)
+        save_hf(model, tokenizer, path)  # type: ignore[arg-type]
         return Path(path)

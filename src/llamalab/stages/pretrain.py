@@ -49,7 +49,9 @@ class LanguageModelStage(LlamaStage):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log("train/target_tokens", float(n_tokens), on_step=True, on_epoch=False)
-        self.log_throughput(batch["input_ids"].numel(), self.flops_per_token(batch["input_ids"].shape[1]))
+        self.log_throughput(
+            batch["input_ids"].numel(), self.flops_per_token(batch["input_ids"].shape[1])
+        )
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
