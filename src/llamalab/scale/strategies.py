@@ -48,9 +48,10 @@ def export_from_trainer(trainer: Any, module: Any, path: Path) -> Path | None:
     (:func:`llamalab.scale.zero_gen.consolidated`).
     """
     from llamalab.scale.build import sharding_mode
-    from llamalab.scale.zero_gen import consolidated
+    from llamalab.scale.zero_gen import consolidated, settle_zero3
 
     mode = sharding_mode(trainer.strategy)
+    settle_zero3(trainer.strategy)
     model = module.export_model()
     model = getattr(model, "_orig_mod", model)
     with consolidated(model, mode, rank0_only=True) as full:

@@ -158,6 +158,15 @@ def should_gather(model: nn.Module, how: str, fraction: float = 0.5) -> bool:
     return fits
 
 
+def settle_zero3(strategy: Any) -> None:
+    """Release every ZeRO-3 parameter, waiting for the all-gathers DeepSpeed prefetched for a
+    next training forward: gathering a parameter still in flight fails ("Cannot partition a
+    param in flight"). A no-op outside DeepSpeed."""
+    engine = getattr(strategy, "deepspeed_engine", None)
+    if engine is not None and hasattr(engine, "empty_partition_cache"):
+        engine.empty_partition_cache()
+
+
 @contextlib.contextmanager
 def generation_model(model: nn.Module, strategy: Any, how: str = "auto") -> Iterator[nn.Module]:
     """The module to generate with: ``model`` itself (no sharding), its gathered copy, or
@@ -166,6 +175,7 @@ def generation_model(model: nn.Module, strategy: Any, how: str = "auto") -> Iter
     if mode == "none":
         yield model
         return
+    settle_zero3(strategy)
     if should_gather(model, how):
         with consolidated(model, mode) as copy:
             assert copy is not None

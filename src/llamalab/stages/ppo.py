@@ -458,19 +458,20 @@ class PPOStage(LlamaStage):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.actor is not None and self.rm_helpful is not None
         assert self.rm_safety is not None
-        samples = evaluate_batch(
-            self.actor,
-            batch["prompt_ids"],
-            batch["is_safety"],
-            self.tokenizer,
-            self.rm_helpful,
-            self.rm_safety,
-            self.reference,
-            max_new_tokens=self.cfg.eval_max_new_tokens or self.cfg.max_new_tokens,
-            chunk_size=self.cfg.generation_batch,
-            seed=derive_seed(self.seed, 0) + batch_idx,
-            safety_threshold=self.cfg.safety_threshold,
-        )
+        with self.generation_context() as actor:  # gathered once under ZeRO-3 / FSDP
+            samples = evaluate_batch(
+                actor,
+                batch["prompt_ids"],
+                batch["is_safety"],
+                self.tokenizer,
+                self.rm_helpful,
+                self.rm_safety,
+                self.reference,
+                max_new_tokens=self.cfg.eval_max_new_tokens or self.cfg.max_new_tokens,
+                chunk_size=self.cfg.generation_batch,
+                seed=derive_seed(self.seed, 0) + batch_idx,
+                safety_threshold=self.cfg.safety_threshold,
+            )
         for sample, index, prompt in zip(samples, batch["index"].tolist(), batch["prompt_ids"]):
             self._eval_samples.append({**sample, "index": index, "prompt_ids": prompt})
 
