@@ -349,6 +349,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from llamalab.scale.strategies import export_from_trainer
 
     export_dir = export_from_trainer(trainer, module, out / "export")
+    from llamalab.tracking import finish_previous_run
+
+    finish_previous_run()  # flush and close the W&B run now, not in an exit hook
     if trainer.is_global_zero:
         link_latest(cfg, out)
         log.info("run finished: %s (export: %s)", out, export_dir)
