@@ -10,7 +10,6 @@ import torch
 from llamalab.model import Llama, LlamaConfig
 from llamalab.perf import (
     Throughput,
-    compile_model,
     datasheet_peak_flops,
     flops_per_token,
     matmul_params,
@@ -18,6 +17,7 @@ from llamalab.perf import (
     mfu,
     ppo_flops_per_token,
 )
+from llamalab.scale.wrap import compile_blocks
 
 # dim 64, 2 layers, 4 heads, 2 KV heads (head_dim 16), FFN hidden 176 (int(8*64/3)=170 -> 176).
 CONFIG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, multiple_of=16)
@@ -103,7 +103,7 @@ def test_throughput_window() -> None:
 def test_compile_model_keeps_state_dict_names() -> None:
     model = Llama.from_config(CONFIG)
     names = list(model.state_dict())
-    assert compile_model(model) is model  # lazy: nothing is compiled until the first call
+    assert compile_blocks(model) is model  # lazy: nothing is compiled until the first call
     assert list(model.state_dict()) == names
     with pytest.raises(TypeError):
-        compile_model(torch.nn.Linear(2, 2))
+        compile_blocks(torch.nn.Linear(2, 2))

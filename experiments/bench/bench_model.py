@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from common import DTYPES, alternate, machine_line, peak_memory_mib, setup, twin_models
 
 from llamalab.model import LlamaConfig
-from llamalab.perf import compile_model, flops_per_token, measure_peak_flops, mfu
+from llamalab.perf import flops_per_token, measure_peak_flops, mfu
+from llamalab.scale.wrap import compile_blocks
 
 
 def train_step(model: torch.nn.Module, batch: torch.Tensor, hf: bool) -> Callable[[], None]:
@@ -46,7 +47,7 @@ def bench_one(args: argparse.Namespace, size: str, seq: int, peak: float) -> dic
     batch = torch.randint(0, config.vocab_size, (args.batch, seq), device=device)
     steps = {"ours": train_step(ours, batch, False), "hf": train_step(theirs, batch, True)}
     if args.compile:
-        compiled = compile_model(copy.deepcopy(ours))
+        compiled = compile_blocks(copy.deepcopy(ours), dynamic=None)
         steps["ours_compiled"] = train_step(compiled, batch, False)
     seconds = alternate(steps, device, args.warmup, args.repeats)
     memory = {name: peak_memory_mib(fn, device) for name, fn in steps.items()}

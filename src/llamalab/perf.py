@@ -26,7 +26,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from llamalab.model.config import LlamaConfig
 
@@ -193,22 +192,3 @@ class Throughput:
         if self.flops_per_token is not None and self.peak_flops:
             util = mfu(rate, self.flops_per_token, self.peak_flops)
         return ThroughputReport(rate, util)
-
-
-def compile_model(
-    model: nn.Module, mode: str | None = None, dynamic: bool | None = None
-) -> nn.Module:
-    """``torch.compile`` each transformer block in place (torchtitan's per-block compile).
-
-    Compiling block by block keeps compile time to one block (they share code, so later blocks
-    hit the cache) and leaves the module tree and state-dict names unchanged
-    (``nn.Module.compile`` adds no ``_orig_mod.`` prefix), so checkpoints and strategies see the
-    plain model. ``mode``: ``None`` (default), ``"reduce-overhead"`` (CUDA graphs),
-    ``"max-autotune"``. Returns the same model.
-    """
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise TypeError(f"compile_model expects a model with .layers, got {type(model).__name__}")
-    for layer in layers:
-        layer.compile(mode=mode, dynamic=dynamic)
-    return model

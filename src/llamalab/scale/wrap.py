@@ -37,11 +37,17 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block._llamalab_checkpointed = True  # type: ignore[assignment]
 
 
-def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
-    """``torch.compile`` each transformer block in place (``nn.Module.compile`` keeps names).
+def compile_blocks(
+    model: nn.Module, mode: str | None = None, dynamic: bool | None = False
+) -> nn.Module:
+    """``torch.compile`` each transformer block in place and return ``model`` (torchtitan's
+    per-block compile).
 
-    Blocks compile once and are reused for every layer of the same shapes; the compiled code is
-    cached under ``TORCHINDUCTOR_CACHE_DIR`` between runs.
+    ``nn.Module.compile`` adds no ``_orig_mod.`` prefix, so checkpoints and strategies see the
+    plain model. Blocks share code, so later blocks hit the cache; the compiled code is cached
+    under ``TORCHINDUCTOR_CACHE_DIR`` between runs. ``mode``: ``None``, ``"reduce-overhead"``
+    (CUDA graphs), ``"max-autotune"``.
     """
     for block in transformer_blocks(model):
-        block.compile(mode=mode, dynamic=False)
+        block.compile(mode=mode, dynamic=dynamic)
+    return model
