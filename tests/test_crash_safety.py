@@ -104,7 +104,21 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(
     ckpts = run / "checkpoints"
     args = [*PRETRAIN, "trainer.max_steps=6", f"paths.output_dir={run}"]
     proc = _launch(args, cache_dir, env={WRITE_DELAY_ENV: "3"})
-    _wait_for(lambda: (ckpts / "last.ckpt").exists() and any(ckpts.glob("last.ckpt.tmp-*")), proc)
+
+    def torn_write_in_progress() -> bool:
+        # The temporary file exists from open() on; the hook pauses only after the first bytes
+        # reached the disk, so wait for those (killing earlier would leave an empty file).
+        if not (ckpts / "last.ckpt").exists():
+            return False
+        for partial in ckpts.glob("last.ckpt.tmp-*"):
+            try:
+                if partial.stat().st_size > 0:
+                    return True
+            except FileNotFoundError:
+                pass
+        return False
+
+    _wait_for(torn_write_in_progress, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     partial = next(ckpts.glob("last.ckpt.tmp-*"))
