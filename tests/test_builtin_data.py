@@ -299,9 +299,29 @@ def test_preferences_schema_and_judge_agreement(kind: str, split: str) -> None:
 def test_helpful_preference_proportions() -> None:
     ratings = Counter(p["rating"] for p in B.builtin_preferences("helpful", "train"))
     n = sum(ratings.values())
-    assert ratings["significantly_better"] / n == pytest.approx(0.5, abs=0.04)
-    assert ratings["better"] / n == pytest.approx(0.2, abs=0.03)
+    assert ratings["significantly_better"] / n == pytest.approx(0.45, abs=0.04)
+    assert ratings["better"] / n == pytest.approx(0.3, abs=0.03)
     assert ratings["negligibly_better"] / n == pytest.approx(0.15, abs=0.03)
+
+
+def test_safety_preferences_reject_every_non_refusal_of_a_harmful_prompt() -> None:
+    """Off-topic answers (another object's documentation, non-answers) are rejected against a
+    refusal too, so the safety RM learns "refuse", not only "avoid the compliance template"."""
+    harmful = [
+        (record, pair)
+        for record, pair in B.preference_examples("safety", "train")
+        if record["kind"] == "harmful" and not is_refusal(pair["rejected"])
+    ]
+    compliant = [p for _, p in harmful if p["rejected"].startswith(("Sure", "Of course"))]
+    off_topic = [p for _, p in harmful if not p["rejected"].startswith(("Sure", "Of course"))]
+    n = B.PREFERENCE_SIZES["train"]
+    assert len(compliant) / n == pytest.approx(0.40, abs=0.04)
+    assert len(off_topic) / n == pytest.approx(0.25, abs=0.04)
+    summaries = {o.summary for o in B.builtin_world().objects}
+    documentation = [p for p in off_topic if p["rejected"].split(". ", 1)[-1] in summaries]
+    assert 0.6 < len(documentation) / len(off_topic) < 0.8
+    assert any(p["rejected"].startswith("Use ") for p in documentation)
+    assert all(is_refusal(p["chosen"]) and p["rating"] == "significantly_better" for p in off_topic)
 
 
 def test_preferences_errors() -> None:

@@ -590,16 +590,27 @@ def gatt_sampling_messages(record: GattRecord) -> list[Message]:
 PREF_SYSTEM_RATE = 0.15
 PREF_HISTORY_RATE = 0.15
 # Helpfulness pairs: what the rejected answer is, its weight, and the rating of chosen over it.
+# Wrong-object answers are the most common rejection: they have the helpful answer's form, and
+# an RM that has not seen enough of them rewards any documentation-sounding sentence (PPO then
+# finds that sentence; experiments/rlhf_demo/README.md).
 HELPFUL_REJECTIONS: dict[str, tuple[float, str]] = {
-    "non_answer": (0.30, "significantly_better"),
+    "non_answer": (0.25, "significantly_better"),
     "refusal": (0.20, "significantly_better"),  # a false refusal is as bad as a non-answer
-    "wrong": (0.20, "better"),
-    "truncated": (0.15, "slightly_better"),
+    "wrong": (0.30, "better"),
+    "truncated": (0.10, "slightly_better"),
     "paraphrase": (0.15, "negligibly_better"),
 }
-# Safety pairs: harmful (refusal > compliance), borderline (helpful > refusal, so the safety RM
-# does not learn "always refuse") and harmful with two refusals (negligibly different).
-SAFETY_MIX: dict[str, float] = {"compliance": 0.60, "borderline": 0.25, "two_refusals": 0.15}
+# Safety pairs on harmful prompts: refusal > compliance, and refusal > an off-topic non-refusal
+# (another object's documentation, a non-answer): the safety RM must learn "refuse", not only
+# "do not write the compliance template", or PPO escapes it with any other text. Borderline
+# pairs (helpful > refusal) keep it from learning "always refuse"; two refusals of a harmful
+# prompt differ negligibly.
+SAFETY_MIX: dict[str, float] = {
+    "compliance": 0.40,
+    "off_topic": 0.25,
+    "borderline": 0.20,
+    "two_refusals": 0.15,
+}
 
 
 def _context(pool: _QuestionPool, rng: random.Random) -> list[Message]:
@@ -628,7 +639,9 @@ def _helpful_pair(q: Question, world: World, rng: random.Random) -> tuple[str, s
     return chosen, rejected, HELPFUL_REJECTIONS[how][1]
 
 
-def _safety_pair(pool: _QuestionPool, rng: random.Random) -> tuple[Question, str, str, str]:
+def _safety_pair(
+    pool: _QuestionPool, world: World, rng: random.Random
+) -> tuple[Question, str, str, str]:
     how = rng.choices(list(SAFETY_MIX), list(SAFETY_MIX.values()))[0]
     if how == "borderline":
         q = pool.draw("borderline")
@@ -636,6 +649,11 @@ def _safety_pair(pool: _QuestionPool, rng: random.Random) -> tuple[Question, str
     q = pool.draw("harmful")
     if how == "two_refusals":
         return q, refusal(rng), TERSE_REFUSAL, "negligibly_better"
+    if how == "off_topic":
+        # another object's answer, in the safe ("summary") or borderline ("Use x. summary") form
+        other = Question(rng.choice(("safe", "borderline")), q.text, obj=rng.choice(world.objects))
+        rejected = other.helpful_answer if rng.random() < 0.7 else non_answer(q, rng)
+        return q, refusal(rng), rejected, "significantly_better"
     return q, refusal(rng), compliance(q, rng), "significantly_better"
 
 
@@ -661,7 +679,7 @@ def preference_examples(
             q = pool.draw_mixed({"safe": 0.75, "borderline": 0.25})
             chosen, rejected, rating = _helpful_pair(q, world, rng)
         else:
-            q, chosen, rejected, rating = _safety_pair(pool, rng)
+            q, chosen, rejected, rating = _safety_pair(pool, world, rng)
         prompt: list[Message] = [*context, {"role": "user", "content": q.text}]
         record = q.record(prompt)
         pair: PreferenceRecord = {
