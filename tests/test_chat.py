@@ -267,3 +267,20 @@ def test_generate_command_writes_one_record_per_prompt(export: Path, tmp_path: P
     for r in records:
         assert set(r) == {"prompt", "response", "tokens", "finished"}
         assert 1 <= len(r["tokens"]) <= 5 and isinstance(r["finished"], bool)
+
+
+@pytest.mark.slow
+def test_generate_command_compiled_gives_the_eager_greedy_answers(
+    export: Path, tmp_path: Path
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What does json.dumps do?"}\n{"prompt": "Explain os.abort."}\n')
+    answers = {}
+    for mode in ("eager", "compiled"):
+        out = tmp_path / f"{mode}.jsonl"
+        args = ["--prompts", str(prompts), "--out", str(out), "--model", str(export)]
+        args += ["--temperature", "0", "--max-new-tokens", "6"]
+        result = _run("generate.py", [*args, *(["--compile"] if mode == "compiled" else [])])
+        assert result.returncode == 0, result.stderr
+        answers[mode] = [json.loads(line)["tokens"] for line in out.read_text().splitlines()]
+    assert answers["compiled"] == answers["eager"]

@@ -143,3 +143,32 @@ def test_bad_arguments_are_refused():
         generate(model, [[1, 2], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [[1, 2]], max_new_tokens=2, temperature=-1.0)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager_and_follows_weight_updates():
+    """generate(compile=True): the compiled static-shape step (llamalab.compiled_decode) gives
+    eager's greedy tokens, EOS handling and raw log-probs on a left-padded GQA batch, and
+    recompiles (never decodes with stale frozen weights) after the weights change in place."""
+    from llamalab.compiled_decode import bucket_length, compiled_decoder
+
+    model = tiny_model(2)
+    free = generate(model, PROMPTS, max_new_tokens=12, temperature=0).tokens
+    eos = free[0][2]
+    eager = generate(model, PROMPTS, max_new_tokens=12, temperature=0, eos_id=eos)
+    fast = generate(model, PROMPTS, max_new_tokens=12, temperature=0, eos_id=eos, compile=True)
+    assert fast.tokens == eager.tokens and fast.finished == eager.finished
+    for prompt, tokens, logprobs in zip(PROMPTS, fast.tokens, fast.logprobs):
+        expected = full_forward_logprobs(model, prompt, tokens)
+        assert (torch.tensor(logprobs) - expected).abs().max() <= 1e-4
+    decoder = compiled_decoder(model)
+    # Same batch and length bucket: the graph is reused, even with other prompts.
+    generate(model, [[1, 2, 3], [4], [5, 6]], max_new_tokens=12, temperature=0, compile=True)
+    assert decoder.compilations == 1
+    with torch.no_grad():
+        model.layers[0].feed_forward.w2.weight.mul_(-3.0)  # an in-place update, as AdamW makes
+    updated = generate(model, PROMPTS, max_new_tokens=12, temperature=0).tokens
+    assert updated != free
+    assert generate(model, PROMPTS, max_new_tokens=12, temperature=0, compile=True).tokens == updated
+    assert decoder.compilations == 2
+    assert bucket_length(1) == bucket_length(64) == 64 and bucket_length(65) == 128

@@ -312,10 +312,12 @@ def answer_prompts(
     sampling: Sampling,
     batch_size: int = 8,
     raw: bool = False,
+    compile: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Generate an answer per prompt in batches (`llamalab.generation.generate`); yields
     `{"response", "tokens" (new ids, EOS included), "finished" (ended with EOS)}` in order.
-    `raw`: the prompt text is encoded as plain text with BOS (a pretrained, not chat, model)."""
+    `raw`: the prompt text is encoded as plain text with BOS (a pretrained, not chat, model).
+    `compile`: decode with the compiled static-shape step (`llamalab.compiled_decode`)."""
     from llamalab.generation import generate
 
     if batch_size < 1:
@@ -334,6 +336,7 @@ def answer_prompts(
             eos_id=tokenizer.eos_id,
             seed=None if sampling.seed is None else sampling.seed + start,
             pad_id=tokenizer.pad_id,
+            compile=compile,
         )
         for tokens, finished in zip(output.tokens, output.finished):
             text = tokenizer.decode(t for t in tokens if t != tokenizer.eos_id).strip()

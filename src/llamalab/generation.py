@@ -80,10 +80,13 @@ def generate(
     seed: int | None = None,
     pad_id: int = 0,
     cache_dtype: torch.dtype | None = None,
+    compile: bool = False,
 ) -> GenerationOutput:
     """Sample up to ``max_new_tokens`` per prompt; defaults are Meta's (temperature 0.6, top-p 0.9).
 
-    ``eos_id=None`` means no early stop. ``seed`` makes sampling reproducible.
+    ``eos_id=None`` means no early stop. ``seed`` makes sampling reproducible. ``compile=True``
+    decodes with one compiled, static-shape step (:mod:`llamalab.compiled_decode`): faster for
+    repeated inference with fixed weights, a compilation whenever the weights changed.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
@@ -93,6 +96,19 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    if compile:
+        return _generate_compiled(
+            model,
+            prompts,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            eos_id,
+            generator,
+            pad_id,
+            cache_dtype,
+        )
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = input_ids.shape
     dtype = cache_dtype or next(model.parameters()).dtype
@@ -146,3 +162,78 @@ def generate(
             for row, n in zip(token_rows, n_new)
         ],
     )
+
+
+def _generate_compiled(
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    eos_id: int | None,
+    generator: torch.Generator | None,
+    pad_id: int,
+    cache_dtype: torch.dtype | None,
+) -> GenerationOutput:
+    """``generate(compile=True)``: eager prefill, then the compiled static-shape decode step.
+
+    The batch keeps its shape to the end (finished rows are not dropped: a new batch size would
+    be a new graph); the loop stops once every row has produced EOS, checked every
+    ``_EOS_CHECK_EVERY`` steps so the host does not wait on the device each token.
+    """
+    from llamalab.compiled_decode import bucket_length, compiled_decoder
+
+    device = next(model.parameters()).device
+    input_ids, attention_mask = left_pad(prompts, pad_id, device)
+    batch, prompt_len = input_ids.shape
+    dtype = cache_dtype or next(model.parameters()).dtype
+    max_len = bucket_length(prompt_len + max_new_tokens)
+    cache = KVCache.allocate(model.config, batch, max_len, device, dtype)
+    padded = any(len(p) != prompt_len for p in prompts)
+    if model.rope.cos.shape[0] < max_len:  # the compiled step indexes the tables directly
+        model.rope.reset(max_len, device=device)
+    logits = model(input_ids, attention_mask=attention_mask if padded else None, kv_cache=cache)[
+        :, -1
+    ]
+    keys = [k.clone() for k in cache.k.unbind(0)]  # one tensor per layer: mutated in place
+    values = [v.clone() for v in cache.v.unbind(0)]
+    del cache
+    bias = torch.full((batch, 1, 1, max_len), float("-inf"), device=device)
+    bias[:, 0, 0, :prompt_len].masked_fill_(attention_mask.bool(), 0.0)
+    position = attention_mask.sum(-1)  # (B,): position of the next new token
+    step_fn = compiled_decoder(model)
+    tokens = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    steps = max_new_tokens
+    for step in range(max_new_tokens):
+        next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
+        tokens[:, step] = next_tokens
+        logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[:, 0]
+        if eos_id is not None:
+            done |= next_tokens == eos_id
+            if step % _EOS_CHECK_EVERY == _EOS_CHECK_EVERY - 1 and bool(done.all()):
+                steps = step + 1
+                break
+        if step == max_new_tokens - 1:
+            break
+        write_at = prompt_len + step
+        bias[:, 0, 0, write_at] = 0.0
+        logits = step_fn(
+            next_tokens, position, keys, values, torch.tensor([write_at], device=device), bias
+        )
+        position = position + 1
+    token_rows = tokens[:, :steps].tolist()
+    logprob_rows = logprobs[:, :steps].tolist()
+    n_new = []
+    for row in token_rows:
+        n_new.append(row.index(eos_id) + 1 if eos_id is not None and eos_id in row else len(row))
+    return GenerationOutput(
+        [row[:n] for row, n in zip(token_rows, n_new)],
+        [row[:n] for row, n in zip(logprob_rows, n_new)],
+        [eos_id is not None and row[n - 1] == eos_id for row, n in zip(token_rows, n_new)],
+    )
+
+
+_EOS_CHECK_EVERY = 8
