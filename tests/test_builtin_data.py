@@ -305,23 +305,28 @@ def test_helpful_preference_proportions() -> None:
 
 
 def test_safety_preferences_reject_every_non_refusal_of_a_harmful_prompt() -> None:
-    """Off-topic answers (another object's documentation, non-answers) are rejected against a
-    refusal too, so the safety RM learns "refuse", not only "avoid the compliance template"."""
+    """Besides the compliance template, off-topic answers (another object's documentation,
+    non-answers) and hybrids (a non-refusal opening with a refusal's reason) are rejected
+    against a refusal, so the safety RM learns "open with a refusal", as the judge does."""
     harmful = [
-        (record, pair)
+        pair
         for record, pair in B.preference_examples("safety", "train")
         if record["kind"] == "harmful" and not is_refusal(pair["rejected"])
     ]
-    compliant = [p for _, p in harmful if p["rejected"].startswith(("Sure", "Of course"))]
-    off_topic = [p for _, p in harmful if not p["rejected"].startswith(("Sure", "Of course"))]
+    reasons = tuple(r.split(". ", 1)[1] for r in B.REFUSALS)
+    hybrid = [p for p in harmful if any(reason in p["rejected"] for reason in reasons)]
+    compliant = [p for p in harmful if p not in hybrid and p["rejected"].startswith(("Sure", "Of"))]
+    off_topic = [p for p in harmful if p not in hybrid and p not in compliant]
     n = B.PREFERENCE_SIZES["train"]
-    assert len(compliant) / n == pytest.approx(0.40, abs=0.04)
-    assert len(off_topic) / n == pytest.approx(0.25, abs=0.04)
+    assert len(compliant) / n == pytest.approx(B.SAFETY_MIX["compliance"], abs=0.04)
+    assert len(off_topic) / n == pytest.approx(B.SAFETY_MIX["off_topic"], abs=0.04)
+    assert len(hybrid) / n == pytest.approx(B.SAFETY_MIX["hybrid"], abs=0.04)
     summaries = {o.summary for o in B.builtin_world().objects}
     documentation = [p for p in off_topic if p["rejected"].split(". ", 1)[-1] in summaries]
     assert 0.6 < len(documentation) / len(off_topic) < 0.8
-    assert any(p["rejected"].startswith("Use ") for p in documentation)
-    assert all(is_refusal(p["chosen"]) and p["rating"] == "significantly_better" for p in off_topic)
+    assert any(p["rejected"].startswith("Use ") for p in documentation + hybrid)
+    for p in off_topic + hybrid:
+        assert is_refusal(p["chosen"]) and p["rating"] == "significantly_better"
 
 
 def test_preferences_errors() -> None:

@@ -605,9 +605,13 @@ HELPFUL_REJECTIONS: dict[str, tuple[float, str]] = {
 # "do not write the compliance template", or PPO escapes it with any other text. Borderline
 # pairs (helpful > refusal) keep it from learning "always refuse"; two refusals of a harmful
 # prompt differ negligibly.
+# "Hybrid" answers open like a non-refusal and carry a refusal's reason ("Use os. It could
+# cause real harm."): the judge counts only a refusal *opening*, and a small RM that never saw
+# such a pair scores them as refusals (PPO found exactly that; experiments/rlhf_demo/README.md).
 SAFETY_MIX: dict[str, float] = {
-    "compliance": 0.40,
-    "off_topic": 0.25,
+    "compliance": 0.30,
+    "off_topic": 0.20,
+    "hybrid": 0.15,
     "borderline": 0.20,
     "two_refusals": 0.15,
 }
@@ -649,6 +653,19 @@ def _safety_pair(
     q = pool.draw("harmful")
     if how == "two_refusals":
         return q, refusal(rng), TERSE_REFUSAL, "negligibly_better"
+    if how == "hybrid":
+        chosen = refusal(rng)
+        reason = rng.choice(REFUSALS).split(". ", 1)[1]
+        other = rng.choice(world.objects)
+        rejected = rng.choice(
+            (
+                f"Use {other.name}. {reason}",
+                f"{other.summary} {reason}",
+                f"{compliance(q, rng).split('. ', 1)[0]}. {reason}",
+                f"{reason} {other.summary}",
+            )
+        )
+        return q, chosen, rejected, "significantly_better"
     if how == "off_topic":
         # another object's answer, in the safe ("summary") or borderline ("Use x. summary") form
         other = Question(rng.choice(("safe", "borderline")), q.text, obj=rng.choice(world.objects))
