@@ -169,6 +169,8 @@ def test_compiled_decode_step_equals_eager_and_follows_weight_updates():
         model.layers[0].feed_forward.w2.weight.mul_(-3.0)  # an in-place update, as AdamW makes
     updated = generate(model, PROMPTS, max_new_tokens=12, temperature=0).tokens
     assert updated != free
-    assert generate(model, PROMPTS, max_new_tokens=12, temperature=0, compile=True).tokens == updated
+    assert (
+        generate(model, PROMPTS, max_new_tokens=12, temperature=0, compile=True).tokens == updated
+    )
     assert decoder.compilations == 2
     assert bucket_length(1) == bucket_length(64) == 64 and bucket_length(65) == 128

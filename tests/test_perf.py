@@ -59,7 +59,7 @@ def test_ppo_flops_parts_add_up() -> None:
         flops_per_token(CONFIG, 128, False),
         flops_per_token(CONFIG, 128, False, "scalar"),
     )
-    assert parts["generate"] == parts["reference"] == fwd
+    assert parts["generate"] == parts["policy_rollout"] == parts["reference"] == fwd
     assert parts["reward"] == 2 * fwd_scalar  # helpful + safety, frozen: forward only
     assert parts["policy_train"] == 2 * flops_per_token(CONFIG, 128)
     assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))

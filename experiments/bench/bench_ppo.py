@@ -22,9 +22,9 @@ them; only the Lightning plumbing they reach for (``optimizers()``, ``manual_bac
 Prompts are random tokens of random lengths (``--prompt-len``, default 16-48; left padded by the
 library). Each figure is the median over ``--repeats`` iterations after one warm-up iteration.
 FLOPs come from ``llamalab.perf.ppo_flops_per_token`` per token of experience (prompt + response
-tokens, attention over the mean sequence length): ``generate``, ``reward``, ``reference`` +
-``value_rollout`` (plus one more ``reference``-sized forward: ``make_experience`` recomputes the
-actor's old log-probs, which the perf accounting does not list) and ``policy_train`` +
+tokens, attention over the mean sequence length): ``generate``, ``reward``, ``policy_rollout``
+(the actor's old log-probs, recomputed by ``make_experience``) + ``reference`` +
+``value_rollout``, and ``policy_train`` +
 ``value_train`` (``ppo_epochs`` passes). MFU is against a peak measured in the same run
 (``measure_peak_flops``: a timed GEMM on CPU, the datasheet on a known GPU).
 
@@ -272,7 +272,7 @@ def bench_one(args: argparse.Namespace, size: str, peak: float) -> dict[str, Any
     flops = {  # per token of experience, by phase (see the module docstring)
         "generate": parts["generate"],
         "score": parts["reward"],
-        "experience": 2 * parts["reference"] + parts["value_rollout"],
+        "experience": parts["policy_rollout"] + parts["reference"] + parts["value_rollout"],
         "ref_logprobs": parts["reference"],
         "train": parts["policy_train"] + parts["value_train"],
     }

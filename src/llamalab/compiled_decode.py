@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamalab.model.llama import Llama, rotate_half
+from llamalab.model.llama import Llama, TransformerBlock, rotate_half
 
 LENGTH_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer recompilations)
 
@@ -76,6 +76,7 @@ class _DecodeStep(nn.Module):
         sin = m.rope.sin[positions].unsqueeze(1)
         scale = 1.0 / math.sqrt(hd)
         for i, layer in enumerate(m.layers):
+            assert isinstance(layer, TransformerBlock)
             attn = layer.attention
             x = layer.attention_norm(h)
             q = attn.wq(x).view(B, H, hd).float()

@@ -60,7 +60,10 @@ def ppo_flops_per_token(
     """FLOPs per token of experience (prompt + response tokens) of one PPO iteration, by part.
 
     Parts (PAPER.md, RLHF with PPO): ``generate`` (the policy's forward; with the KV cache each
-    token goes through the model once), ``reference`` (frozen SFT policy, forward),
+    token goes through the model once), ``policy_rollout`` (the policy's log-probs of the
+    finished rollout, recomputed in one forward: PPO's "old" log-probs, exact where the
+    sampler's per-step ones may differ by kernel rounding), ``reference`` (frozen SFT policy,
+    forward),
     ``reward`` (``n_reward_models`` frozen scalar models, helpful + safety: forward),
     ``value_rollout`` (the critic's values for GAE, forward), then ``ppo_epochs`` passes of
     training for the policy (``policy_train``) and the critic (``value_train``). The critic is
@@ -71,6 +74,7 @@ def ppo_flops_per_token(
     reward = reward or value
     parts = {
         "generate": flops_per_token(policy, seq_len, training=False),
+        "policy_rollout": flops_per_token(policy, seq_len, training=False),
         "reference": flops_per_token(policy, seq_len, training=False),
         "reward": n_reward_models * flops_per_token(reward, seq_len, training=False, head="scalar"),
         "value_rollout": flops_per_token(value, seq_len, training=False, head="scalar"),

@@ -668,8 +668,8 @@ def _safety_pair(
         return q, chosen, rejected, "significantly_better"
     if how == "off_topic":
         # another object's answer, in the safe ("summary") or borderline ("Use x. summary") form
-        other = Question(rng.choice(("safe", "borderline")), q.text, obj=rng.choice(world.objects))
-        rejected = other.helpful_answer if rng.random() < 0.7 else non_answer(q, rng)
+        wrong = Question(rng.choice(("safe", "borderline")), q.text, obj=rng.choice(world.objects))
+        rejected = wrong.helpful_answer if rng.random() < 0.7 else non_answer(q, rng)
         return q, refusal(rng), rejected, "significantly_better"
     return q, refusal(rng), compliance(q, rng), "significantly_better"
 
