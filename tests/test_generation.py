@@ -173,4 +173,10 @@ def test_compiled_decode_step_equals_eager_and_follows_weight_updates():
         generate(model, PROMPTS, max_new_tokens=12, temperature=0, compile=True).tokens == updated
     )
     assert decoder.compilations == 2
+    other = tiny_model(2, seed=1)  # same shapes, other weights: never served model's graph
+    other_eager = generate(other, PROMPTS, max_new_tokens=12, temperature=0).tokens
+    assert other_eager != updated
+    assert generate(other, PROMPTS, max_new_tokens=12, temperature=0, compile=True).tokens == (
+        other_eager
+    )
     assert bucket_length(1) == bucket_length(64) == 64 and bucket_length(65) == 128

@@ -28,7 +28,9 @@ with GQA groups broadcast rather than repeated); greedy tokens match eager decod
 
 from __future__ import annotations
 
+import itertools
 import math
+import types
 import weakref
 from typing import Any
 
@@ -105,7 +107,10 @@ def _weights_version(model: nn.Module) -> tuple[Any, ...]:
 class CompiledDecoder:
     """The compiled decode step of one model, rebuilt when its weights change (module doc).
 
-    Obtain it with :func:`compiled_decoder` (one per model, kept on the model object).
+    Obtain it with :func:`compiled_decoder` (one per model, kept while the model lives). Call
+    :meth:`current` once per generation (it checks the weights' versions), then call the step
+    it returns for every token inside :meth:`compiling` (Inductor's freezing must be on when the
+    graph is built, which happens at the step's first call).
     """
 
     def __init__(self, model: Llama) -> None:
@@ -114,19 +119,43 @@ class CompiledDecoder:
         self.step: Any = None
         self.compilations = 0
 
-    def __call__(self, *args: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def current(self) -> Any:
+        """The compiled step for the model's weights as they are now."""
         model = self._model()
         if model is None:
             raise RuntimeError("the model of this compiled decoder no longer exists")
         version = _weights_version(model)
         if self.step is None or version != self.version:
-            # A new module object: Dynamo's guards on it fail, so the frozen constants are
-            # captured again from the current weights.
-            step = _DecodeStep(model).eval()
-            self.step = torch.compile(step, dynamic=False, options={"freezing": True})
+            self.step = torch.compile(_unique_entry(_DecodeStep(model).eval()), dynamic=False)
             self.version = version
             self.compilations += 1
-        return self.step(*args)
+        return self.step
+
+    @staticmethod
+    def compiling() -> Any:
+        """Context for calling the step: Inductor freezing on (constant weights, prepacked)."""
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(freezing=True)
+
+
+_BUILDS = itertools.count()
+
+
+def _unique_entry(step: nn.Module) -> Any:
+    """A function calling ``step`` whose code object is new on every build.
+
+    Dynamo keeps compiled graphs per code object and its guards do not pin the weights' values
+    (nor, once inlined, which module holds them). With frozen weights a graph compiled for one
+    model, or for these weights before an update, must never be served again: a code object of
+    its own per build guarantees that.
+    """
+
+    def call(*args: Any) -> torch.Tensor:
+        return step(*args)
+
+    code = call.__code__.replace(co_name=f"llamalab_decode_step_{next(_BUILDS)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
 
 
 _DECODERS: weakref.WeakKeyDictionary[nn.Module, CompiledDecoder] = weakref.WeakKeyDictionary()

@@ -202,28 +202,33 @@ def _generate_compiled(
     bias = torch.full((batch, 1, 1, max_len), float("-inf"), device=device)
     bias[:, 0, 0, :prompt_len].masked_fill_(attention_mask.bool(), 0.0)
     position = attention_mask.sum(-1)  # (B,): position of the next new token
-    step_fn = compiled_decoder(model)
+    decoder = compiled_decoder(model)
+    step_fn = decoder.current()  # weights cannot change during one generation: check once
     tokens = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    write_index = torch.arange(prompt_len, prompt_len + max_new_tokens, device=device)
     steps = max_new_tokens
-    for step in range(max_new_tokens):
-        next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
-        tokens[:, step] = next_tokens
-        logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[:, 0]
-        if eos_id is not None:
-            done |= next_tokens == eos_id
-            if step % _EOS_CHECK_EVERY == _EOS_CHECK_EVERY - 1 and bool(done.all()):
-                steps = step + 1
+    with decoder.compiling():
+        for step in range(max_new_tokens):
+            next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
+            tokens[:, step] = next_tokens
+            logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[
+                :, 0
+            ]
+            if eos_id is not None:
+                done |= next_tokens == eos_id
+                if step % _EOS_CHECK_EVERY == _EOS_CHECK_EVERY - 1 and bool(done.all()):
+                    steps = step + 1
+                    break
+            if step == max_new_tokens - 1:
                 break
-        if step == max_new_tokens - 1:
-            break
-        write_at = prompt_len + step
-        bias[:, 0, 0, write_at] = 0.0
-        logits = step_fn(
-            next_tokens, position, keys, values, torch.tensor([write_at], device=device), bias
-        )
-        position = position + 1
+            write_at = prompt_len + step
+            bias[:, 0, 0, write_at] = 0.0
+            logits = step_fn(
+                next_tokens, position, keys, values, write_index[step : step + 1], bias
+            )
+            position = position + 1
     token_rows = tokens[:, :steps].tolist()
     logprob_rows = logprobs[:, :steps].tolist()
     n_new = []
