@@ -129,9 +129,7 @@ def generate(
     for step in range(max_new_tokens):
         next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
         tokens[active, step] = next_tokens
-        logprobs[active, step] = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[
-            :, 0
-        ]
+        logprobs[active, step] = _token_logprobs(logits, next_tokens)
         if step == max_new_tokens - 1:
             break
         if eos_id is not None:
@@ -153,7 +151,21 @@ def generate(
             next_tokens[:, None], attention_mask=decode_mask, position_ids=position, kv_cache=cache
         )[:, -1]
         position = position + 1
-    token_rows, logprob_rows = tokens.tolist(), logprobs.tolist()
+    return _output(tokens.tolist(), logprobs.tolist(), n_new, eos_id)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under the raw distribution of ``logits (B, V)``: ``(B,)``."""
+    return torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
+def _output(
+    token_rows: list[list[int]],
+    logprob_rows: list[list[float]],
+    n_new: list[int],
+    eos_id: int | None,
+) -> GenerationOutput:
+    """Rows cut to their first ``n_new`` tokens (up to and including EOS)."""
     return GenerationOutput(
         [row[:n] for row, n in zip(token_rows, n_new)],
         [row[:n] for row, n in zip(logprob_rows, n_new)],
@@ -162,6 +174,9 @@ def generate(
             for row, n in zip(token_rows, n_new)
         ],
     )
+
+
+_EOS_CHECK_EVERY = 8  # compiled path: steps between checks that every row has ended
 
 
 def _generate_compiled(
@@ -213,9 +228,7 @@ def _generate_compiled(
         for step in range(max_new_tokens):
             next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
             tokens[:, step] = next_tokens
-            logprobs[:, step] = torch.log_softmax(logits, dim=-1).gather(1, next_tokens[:, None])[
-                :, 0
-            ]
+            logprobs[:, step] = _token_logprobs(logits, next_tokens)
             if eos_id is not None:
                 done |= next_tokens == eos_id
                 if step % _EOS_CHECK_EVERY == _EOS_CHECK_EVERY - 1 and bool(done.all()):
@@ -230,15 +243,5 @@ def _generate_compiled(
             )
             position = position + 1
     token_rows = tokens[:, :steps].tolist()
-    logprob_rows = logprobs[:, :steps].tolist()
-    n_new = []
-    for row in token_rows:
-        n_new.append(row.index(eos_id) + 1 if eos_id is not None and eos_id in row else len(row))
-    return GenerationOutput(
-        [row[:n] for row, n in zip(token_rows, n_new)],
-        [row[:n] for row, n in zip(logprob_rows, n_new)],
-        [eos_id is not None and row[n - 1] == eos_id for row, n in zip(token_rows, n_new)],
-    )
-
-
-_EOS_CHECK_EVERY = 8
+    n_new = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in token_rows]
+    return _output(token_rows, logprobs[:, :steps].tolist(), n_new, eos_id)

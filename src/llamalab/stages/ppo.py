@@ -281,22 +281,22 @@ class PPOStage(LlamaStage):
         )
         self.log_dict(stats, on_step=True, on_epoch=False)
         # tokens/s and MFU of the whole iteration (every model's passes; frozen ones forward only)
-        self.log_throughput(int(rollout.attention_mask.sum()), self.iteration_flops(rollout))
+        tokens = int(rollout.attention_mask.sum())
+        self.log_throughput(tokens, self.iteration_flops(tokens / len(rollout)))
         self.log("train/reward", stats["train/reward_combined"], prog_bar=True, on_step=True)
         self.log("train/kl_ref", stats["train/kl"], prog_bar=True, on_step=True)
         if self.cfg.eval_every and self.iteration % self.cfg.eval_every == 0:
             self.log_samples_table("train/samples", batch["prompt_ids"], rollout, scores)
         self.iteration += 1
 
-    def iteration_flops(self, rollout: Rollout) -> float:
+    def iteration_flops(self, mean_seq_len: float) -> float:
         """Model FLOPs of one iteration per token of experience (``llamalab.perf``)."""
         from llamalab.perf import ppo_flops_per_token
 
         assert self.actor is not None and self.critic is not None and self.rm_helpful is not None
-        seq_len = max(1, round(float(rollout.attention_mask.sum()) / len(rollout)))
         parts = ppo_flops_per_token(
             self.actor.config,  # type: ignore[arg-type]
-            seq_len,
+            max(1, round(mean_seq_len)),
             value=self.critic.config,  # type: ignore[arg-type]
             reward=self.rm_helpful.config,  # type: ignore[arg-type]
             ppo_epochs=self.cfg.ppo_epochs,
