@@ -9,6 +9,7 @@ which is what PPO's ratio needs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -218,17 +219,20 @@ def _generate_compiled(
     bias[:, 0, 0, :prompt_len].masked_fill_(attention_mask.bool(), 0.0)
     position = attention_mask.sum(-1)  # (B,): position of the next new token
     decoder = compiled_decoder(model)
-    step_fn = decoder.current()  # weights cannot change during one generation: check once
+    greedy = temperature == 0  # the graph then picks the token itself
+    step_fn = decoder.current(greedy)  # weights cannot change during one generation: check once
     tokens = torch.zeros((batch, max_new_tokens), dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     write_index = torch.arange(prompt_len, prompt_len + max_new_tokens, device=device)
     steps = max_new_tokens
-    with decoder.compiling():
+    next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
+    token_logprobs = _token_logprobs(logits, next_tokens)
+    with contextlib.ExitStack() as context:
+        context.enter_context(decoder.compiling())
         for step in range(max_new_tokens):
-            next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
             tokens[:, step] = next_tokens
-            logprobs[:, step] = _token_logprobs(logits, next_tokens)
+            logprobs[:, step] = token_logprobs
             if eos_id is not None:
                 done |= next_tokens == eos_id
                 if step % _EOS_CHECK_EVERY == _EOS_CHECK_EVERY - 1 and bool(done.all()):
@@ -236,12 +240,15 @@ def _generate_compiled(
                     break
             if step == max_new_tokens - 1:
                 break
-            write_at = prompt_len + step
-            bias[:, 0, 0, write_at] = 0.0
-            logits = step_fn(
-                next_tokens, position, keys, values, write_index[step : step + 1], bias
-            )
-            position = position + 1
+            out = step_fn(next_tokens, position, keys, values, write_index[step : step + 1], bias)
+            if step == 0:  # the guards held for this call, so they hold for the rest
+                context.enter_context(decoder.trusted())
+            if greedy:
+                next_tokens, token_logprobs, position = out
+            else:
+                logits, position = out
+                next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
+                token_logprobs = _token_logprobs(logits, next_tokens)
     token_rows = tokens[:, :steps].tolist()
     n_new = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in token_rows]
     return _output(token_rows, logprobs[:, :steps].tolist(), n_new, eos_id)
