@@ -28,6 +28,7 @@ with GQA groups broadcast rather than repeated); greedy tokens match eager decod
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import types
@@ -158,7 +159,12 @@ class CompiledDecoder:
         """Context for calling the step: Inductor freezing on (constant weights, prepacked)."""
         import torch._inductor.config as inductor_config
 
-        return inductor_config.patch(freezing=True)
+        from llamalab.model.linear import frozen_weights
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(inductor_config.patch(freezing=True))
+        stack.enter_context(frozen_weights())  # linear layers: the raw oneDNN product, frozen
+        return stack
 
     @staticmethod
     def trusted() -> Any:

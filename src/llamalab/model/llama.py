@@ -26,6 +26,7 @@ from torch import nn
 
 from llamalab.model.config import LlamaConfig
 from llamalab.model.kv_cache import KVCache
+from llamalab.model.linear import Linear
 
 
 class RMSNorm(nn.Module):
@@ -98,10 +99,10 @@ class Attention(nn.Module):
             config.kv_heads,
             config.head_dim,
         )
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq = Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wv = Linear(config.dim, config.kv_heads * config.head_dim, bias=False)
+        self.wo = Linear(config.n_heads * config.head_dim, config.dim, bias=False)
 
     def forward(
         self,
@@ -130,9 +131,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = Linear(dim, hidden_dim, bias=False)
+        self.w2 = Linear(hidden_dim, dim, bias=False)
+        self.w3 = Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -248,7 +249,7 @@ class Llama(LlamaBackbone):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         return self.output(self.hidden_states(input_ids, **kwargs)).float()
@@ -272,7 +273,7 @@ class LlamaScalar(LlamaBackbone):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
-        self.score = nn.Linear(config.dim, 1, bias=False)
+        self.score = Linear(config.dim, 1, bias=False)
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:  # type: ignore[no-untyped-def]
         return self.score(self.hidden_states(input_ids, **kwargs)).squeeze(-1).float()
