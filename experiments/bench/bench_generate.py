@@ -10,9 +10,12 @@ tie between two logits can flip one token in float32; anything far below 100% is
     python experiments/bench/bench_generate.py             # tiny,small x batch 1,16
     python experiments/bench/bench_generate.py --large     # also batch 64
     python experiments/bench/bench_generate.py --compile   # also generate(compile=True)
+    python experiments/bench/bench_generate.py --aten      # also ours on F.linear's GEMMs
 
 ``--compile`` adds our compiled static-shape decode step (``llamalab.compiled_decode``) as a
 third contender; its one-off compilation happens in the warm-up and is printed separately.
+``--aten`` adds our eager sampler with the model's CPU products on ``F.linear``'s BLAS instead
+of oneDNN (``llamalab.model.linear``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from common import DTYPES, alternate, machine_line, setup, twin_models
+from common import DTYPES, alternate, machine_line, setup, twin_models, with_cpu_matmul
 
 from llamalab.generation import generate
 from llamalab.model import LlamaConfig
@@ -34,7 +37,8 @@ def runners(
     prompts: torch.Tensor,
     new: int,
     compiled: bool = False,
-) -> dict[str, Callable[[], list[list[int]]]]:
+    aten: bool = False,
+) -> dict[str, Callable[[], object]]:
     """Closures returning the new tokens per prompt for each contender."""
     prompt_lists = prompts.tolist()
     mask = torch.ones_like(prompts)
@@ -57,9 +61,11 @@ def runners(
     def run_compiled() -> list[list[int]]:
         return generate(ours, prompt_lists, new, temperature=0.0, eos_id=None, compile=True).tokens
 
-    fns = {"ours": run_ours, "hf": run_hf}
+    fns: dict[str, Callable[[], object]] = {"ours": run_ours, "hf": run_hf}
     if compiled:
         fns["compiled"] = run_compiled
+    if aten:  # ours, eager, with F.linear's GEMMs (the library Hugging Face's model uses)
+        fns["ours_aten"] = with_cpu_matmul(run_ours, "aten")
     return fns
 
 
@@ -70,7 +76,7 @@ def bench_one(args: argparse.Namespace, size: str, batch: int) -> dict[str, obje
     ours.eval(), theirs.eval()
     theirs.generation_config.eos_token_id = None
     prompts = torch.randint(3, config.vocab_size, (batch, args.prompt_len), device=device)
-    fns = runners(ours, theirs, prompts, args.new, args.compile)
+    fns = runners(ours, theirs, prompts, args.new, args.compile, args.aten)
     row: dict[str, object] = {"size": size, "batch": batch}
     with torch.no_grad():
         if args.compile:
@@ -89,13 +95,17 @@ def bench_one(args: argparse.Namespace, size: str, batch: int) -> dict[str, obje
     row["ratio"] = seconds["hf"] / seconds["ours"]
     if "compiled" in seconds:
         row["compiled_ratio"] = seconds["hf"] / seconds["compiled"]
+    if "ours_aten" in seconds:
+        row["aten_ratio"] = seconds["hf"] / seconds["ours_aten"]
     return row
 
 
-def print_header(compiled: bool) -> None:
+def print_header(compiled: bool, aten: bool) -> None:
     head = ["size", "batch", "ours tok/s", "hf tok/s", "ours/hf", "match"]
     if compiled:
         head += ["compiled tok/s", "compiled/hf", "compiled match", "compile s"]
+    if aten:
+        head += ["ours_aten tok/s", "ours_aten/hf"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head), flush=True)
 
@@ -111,6 +121,8 @@ def print_row(r: dict[str, object]) -> None:
             f"{r['match_compiled']:.0%}",
             f"{r['compile_s']:.0f}",
         ]
+    if "aten_ratio" in r:
+        cells += [f"{r['ours_aten_tok_s']:.0f}", f"{r['aten_ratio']:.2f}x"]
     print("| " + " | ".join(cells) + " |", flush=True)
 
 
@@ -128,6 +140,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny only, 3 repeats")
     parser.add_argument("--compile", action="store_true", help="also time generate(compile=True)")
+    parser.add_argument(
+        "--aten", action="store_true", help="also time ours with F.linear's GEMMs (no oneDNN)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.repeats = "tiny", 3
@@ -139,7 +154,7 @@ def main() -> None:
     print(
         f"dtype {args.dtype}, greedy, {args.new} new tokens, prompt {args.prompt_len}, median of {args.repeats}"
     )
-    print_header(args.compile)
+    print_header(args.compile, args.aten)
     for size in args.sizes.split(","):
         for batch in args.batches.split(","):
             print_row(bench_one(args, size, int(batch)))

@@ -65,6 +65,22 @@ def twin_models(
     return ours, theirs
 
 
+def with_cpu_matmul(fn: Callable[[], object], mode: str) -> Callable[[], object]:
+    """``fn`` run with ``llamalab.model.linear``'s CPU GEMM library set to ``mode`` (``"aten"``:
+    the BLAS ``F.linear`` uses, as Hugging Face's model does; ``"onednn"``: the default)."""
+    from llamalab.model.linear import cpu_matmul, set_cpu_matmul
+
+    def run() -> object:
+        previous = cpu_matmul()
+        set_cpu_matmul(mode)
+        try:
+            return fn()
+        finally:
+            set_cpu_matmul(previous)
+
+    return run
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

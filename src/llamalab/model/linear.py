@@ -12,7 +12,7 @@ differ from MKL's by summation order only (relative 1e-6), as two BLAS libraries
 ``Linear`` keeps ``nn.Linear``'s parameters and state-dict keys (checkpoints, Hugging Face and
 Meta interop unchanged) and routes only what oneDNN handles exactly: float32, plain strided CPU
 tensors, no bias. Everything else (CUDA, bf16/fp16, DTensor shards under FSDP, DeepSpeed ZeRO-3
-parameters, meta tensors, a bias, empty inputs) goes to ``F.linear`` unchanged. With gradients the three products of a layer
+parameters, meta tensors, a bias, empty inputs, CPU autocast) goes to ``F.linear`` unchanged. With gradients the three products of a layer
 (``y = x W^T``, ``dx = dy W``, ``dW = dy^T x``) all run on oneDNN.
 
 ``LLAMALAB_CPU_MATMUL=aten`` (or :func:`set_cpu_matmul`) turns the routing off, e.g. to compare
@@ -155,6 +155,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and x.numel() > 0
         and _plain_cpu_float32(x)
         and _plain_cpu_float32(weight)
+        and not torch.is_autocast_enabled("cpu")  # autocast casts F.linear's inputs: keep it
     ):
         out_shape = (*x.shape[:-1], weight.shape[0])
         x2 = x.reshape(-1, x.shape[-1])
