@@ -120,8 +120,13 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)  # (B, Hkv, T_keys, hd)
         gqa = self.n_kv_heads != self.n_heads
+        # Without a cache, one query or many, causal is right; with one, a single new query
+        # must see the whole cache (SDPA's causal mask is top-left aligned). T is not read
+        # without a cache: under torch.compile with a dynamic length T > 1 is symbolic, and
+        # SDPA takes only a Python bool (a symbolic one would break the graph in two).
+        causal = mask is None and (kv_cache is None or T > 1)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=gqa
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa
         )  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -149,7 +154,11 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x, rope, mask, kv_cache=None):  # type: ignore[no-untyped-def]
-        h = x + self.attention(self.attention_norm(x), rope, mask, kv_cache, self.layer_idx)
+        # Read layer_idx only when a cache needs it: torch.compile specialises on integer module
+        # attributes, so reading it always would compile one graph per layer (and past
+        # Dynamo's recompile limit, 8, leave the remaining layers eager) instead of one for all.
+        layer_idx = self.layer_idx if kv_cache is not None else 0
+        h = x + self.attention(self.attention_norm(x), rope, mask, kv_cache, layer_idx)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

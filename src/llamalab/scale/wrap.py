@@ -38,15 +38,19 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def compile_blocks(
-    model: nn.Module, mode: str | None = None, dynamic: bool | None = False
+    model: nn.Module, mode: str | None = None, dynamic: bool | None = None
 ) -> nn.Module:
     """``torch.compile`` each transformer block in place and return ``model`` (torchtitan's
     per-block compile).
 
     ``nn.Module.compile`` adds no ``_orig_mod.`` prefix, so checkpoints and strategies see the
-    plain model. Blocks share code, so later blocks hit the cache; the compiled code is cached
-    under ``TORCHINDUCTOR_CACHE_DIR`` between runs. ``mode``: ``None``, ``"reduce-overhead"``
-    (CUDA graphs), ``"max-autotune"``.
+    plain model. Blocks share code and one graph: every layer after the first reuses it (the
+    block reads nothing layer-specific without a KV cache); the compiled code is cached under
+    ``TORCHINDUCTOR_CACHE_DIR`` between runs. ``dynamic=None`` (Dynamo's automatic dynamic
+    shapes): a fixed-shape run (pretraining, packed SFT) keeps one static graph, and the first
+    new sequence length (reward pairs, PPO batches) brings one graph with a symbolic length
+    instead of a compilation per length, which past Dynamo's recompile limit (8) would leave
+    the blocks eager. ``mode``: ``None``, ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune"``.
     """
     for block in transformer_blocks(model):
         block.compile(mode=mode, dynamic=dynamic)
