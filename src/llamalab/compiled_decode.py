@@ -11,9 +11,12 @@ Here one decode step (embedding, every block, the final norm and the LM head) is
   step of a generation, and every generation of the same (batch, bucket), reuses one graph;
 - attention reads the whole cache under an additive mask (``0`` for real tokens written so far,
   ``-inf`` for padding and the future), so its shape never changes either;
-- weights are *frozen* into the graph (Inductor's ``freezing``): constant-folded and, on CPU,
-  repacked once for oneDNN's matrix kernels, which is where most of the gain over eager comes from
-  at small batch.
+- weights are *frozen* into the graph (Inductor's ``freezing``): constants, so the float32
+  projections on CPU go into the graph as oneDNN products on constant weights
+  (:mod:`llamalab.model.linear`) and the rest is constant-folded;
+- the host's work between tokens is nearly nothing: with ``greedy`` the graph also picks the
+  token and its log-probability, it marks the new cache slot visible itself, and Dynamo's guards
+  are evaluated on a generation's first call only (:meth:`CompiledDecoder.trusted`).
 
 Frozen weights are constants: a step compiled before the weights changed would decode with stale
 ones. :class:`CompiledDecoder` records every parameter's in-place version counter
