@@ -15,31 +15,42 @@ tensors, no bias. Everything else (CUDA, bf16/fp16, DTensor shards under FSDP, D
 parameters, meta tensors, a bias, empty inputs, CPU autocast) goes to ``F.linear`` unchanged. With gradients the three products of a layer
 (``y = x W^T``, ``dx = dy W``, ``dW = dy^T x``) all run on oneDNN.
 
-``LLAMALAB_CPU_MATMUL=aten`` (or :func:`set_cpu_matmul`) turns the routing off, e.g. to compare
-against ``F.linear`` or on a CPU where oneDNN is not the faster one.
+``LLAMALAB_CPU_MATMUL`` (or :func:`set_cpu_matmul`): ``auto`` (default: oneDNN on x86-64,
+``F.linear`` on other CPUs), ``onednn``, or ``aten`` (the routing off, e.g. to compare against
+``F.linear`` or on a CPU where oneDNN is not the faster one).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_CHOICES = ("onednn", "aten")
-_mode = os.environ.get("LLAMALAB_CPU_MATMUL", "onednn").strip().lower()
-if _mode not in _CHOICES:
-    raise ValueError(f"LLAMALAB_CPU_MATMUL must be one of {_CHOICES}, got {_mode!r}")
+_CHOICES = ("auto", "onednn", "aten")
+
+
+def _resolve(mode: str) -> str:
+    """``auto``: oneDNN on x86-64 (where it was measured faster), ``F.linear`` elsewhere (ARM
+    laptops have their own BLAS, e.g. Accelerate, that oneDNN was not measured against)."""
+    if mode not in _CHOICES:
+        raise ValueError(f"LLAMALAB_CPU_MATMUL must be one of {_CHOICES}, got {mode!r}")
+    if mode == "auto":
+        return "onednn" if platform.machine().lower() in ("x86_64", "amd64") else "aten"
+    return mode
+
+
+_mode = _resolve(os.environ.get("LLAMALAB_CPU_MATMUL", "auto").strip().lower())
 
 
 def set_cpu_matmul(mode: str) -> None:
-    """``"onednn"`` (default) or ``"aten"``: which library runs float32 ``Linear`` on CPU."""
+    """``"auto"`` (default), ``"onednn"`` or ``"aten"``: which library runs float32 ``Linear``
+    on CPU."""
     global _mode
-    if mode not in _CHOICES:
-        raise ValueError(f"cpu matmul must be one of {_CHOICES}, got {mode!r}")
-    _mode = mode
+    _mode = _resolve(mode)
 
 
 def cpu_matmul() -> str:
