@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,11 +84,16 @@ def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _backward_products(
-    grad: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, needs: tuple[bool, bool]
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    grad: torch.Tensor,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    needs: tuple[bool, ...],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``dx = dy W`` and ``dW = dy^T x`` (each only if needed), as ``product`` calls on views."""
     g2 = grad.reshape(-1, grad.shape[-1])
-    dx = _product(g2, weight.t()) if needs[0] else None  # dy W
-    dw = _product(g2.t(), x2.t()) if needs[1] else None  # dy^T x
+    dx = product(g2, weight.t()) if needs[0] else None
+    dw = product(g2.t(), x2.t()) if needs[1] else None
     return dx, dw
 
 
@@ -104,7 +110,7 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x2, weight = ctx.saved_tensors
-        dx, dw = _backward_products(grad, x2, weight, ctx.needs_input_grad[:2])
+        dx, dw = _backward_products(_product, grad, x2, weight, ctx.needs_input_grad)
         return (None if dx is None else dx.view(ctx.x_shape)), dw
 
 
@@ -128,14 +134,7 @@ def _setup_context(ctx: Any, inputs: tuple[torch.Tensor, torch.Tensor], output: 
 
 def _op_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     x2, weight = ctx.saved_tensors
-    g2 = grad.contiguous()
-    dx = _onednn_linear_op(g2, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
-    dw = (
-        _onednn_linear_op(g2.t().contiguous(), x2.t().contiguous())
-        if ctx.needs_input_grad[1]
-        else None
-    )
-    return dx, dw
+    return _backward_products(_onednn_linear_op, grad, x2, weight, ctx.needs_input_grad)
 
 
 _onednn_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
