@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from llamalab.model import linear as lin
 
-pytestmark = pytest.mark.skipif(not lin._AVAILABLE, reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(not lin.ONEDNN_AVAILABLE, reason="this torch build has no oneDNN")
 
 
 @pytest.fixture(autouse=True)
@@ -26,13 +26,13 @@ def onednn_mode() -> Iterator[None]:
 def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the oneDNN products actually run."""
     calls = [0]
-    product = lin._product
+    product = lin.onednn_product
 
     def counting(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         return product(a, b)
 
-    monkeypatch.setattr(lin, "_product", counting)
+    monkeypatch.setattr(lin, "onednn_product", counting)
     return calls
 
 

@@ -159,7 +159,8 @@ class CompiledDecoder:
 
     @staticmethod
     def compiling() -> Any:
-        """Context for calling the step: Inductor freezing on (constant weights, prepacked)."""
+        """Context for calling the step: Inductor freezing on (constant weights), and the linear
+        layers traced as raw oneDNN products on those constants (``frozen_weights``)."""
         import torch._inductor.config as inductor_config
 
         from llamalab.model.linear import frozen_weights

@@ -144,10 +144,11 @@ def measure_peak_flops(
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     kernels = [lambda: torch.mm(a, b)]
-    if device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
-        from llamalab.model.linear import _product
+    if device.type == "cpu" and dtype == torch.float32:
+        from llamalab.model.linear import ONEDNN_AVAILABLE, onednn_product
 
-        kernels.append(lambda: _product(a, b))
+        if ONEDNN_AVAILABLE:
+            kernels.append(lambda: onednn_product(a, b))
     best = 0.0
     for kernel in kernels:
         kernel()

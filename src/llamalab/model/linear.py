@@ -12,8 +12,9 @@ differ from MKL's by summation order only (relative 1e-6), as two BLAS libraries
 ``Linear`` keeps ``nn.Linear``'s parameters and state-dict keys (checkpoints, Hugging Face and
 Meta interop unchanged) and routes only what oneDNN handles exactly: float32, plain strided CPU
 tensors, no bias. Everything else (CUDA, bf16/fp16, DTensor shards under FSDP, DeepSpeed ZeRO-3
-parameters, meta tensors, a bias, empty inputs, CPU autocast) goes to ``F.linear`` unchanged. With gradients the three products of a layer
-(``y = x W^T``, ``dx = dy W``, ``dW = dy^T x``) all run on oneDNN.
+parameters, meta tensors, a bias, empty inputs, CPU autocast) goes to ``F.linear`` unchanged.
+With gradients the three products of a layer (``y = x W^T``, ``dx = dy W``, ``dW = dy^T x``)
+all run on oneDNN.
 
 ``LLAMALAB_CPU_MATMUL`` (or :func:`set_cpu_matmul`): ``auto`` (default: oneDNN on x86-64,
 ``F.linear`` on other CPUs), ``onednn``, or ``aten`` (the routing off, e.g. to compare against
@@ -65,7 +66,7 @@ def _onednn_available() -> bool:
     )
 
 
-_AVAILABLE = _onednn_available()
+ONEDNN_AVAILABLE = _onednn_available()  # this torch build has oneDNN's linear operator
 
 
 def _plain_cpu_float32(t: torch.Tensor) -> bool:
@@ -78,8 +79,9 @@ def _plain_cpu_float32(t: torch.Tensor) -> bool:
     )
 
 
-def _product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a (M, K) @ b (N, K)^T -> (M, N)`` on oneDNN (either operand may be strided)."""
+def onednn_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (M, K) @ b (N, K)^T -> (M, N)`` on oneDNN (either operand may be strided; float32 or
+    bf16 CPU tensors; requires :data:`ONEDNN_AVAILABLE`). No autograd: see :func:`linear`."""
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
@@ -105,12 +107,12 @@ class _OneDNNLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.save_for_backward(x2, weight)
         ctx.x_shape = x.shape
-        return _product(x2, weight).view(*x.shape[:-1], weight.shape[0])
+        return onednn_product(x2, weight).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x2, weight = ctx.saved_tensors
-        dx, dw = _backward_products(_product, grad, x2, weight, ctx.needs_input_grad)
+        dx, dw = _backward_products(onednn_product, grad, x2, weight, ctx.needs_input_grad)
         return (None if dx is None else dx.view(ctx.x_shape)), dw
 
 
@@ -120,7 +122,7 @@ class _OneDNNLinear(torch.autograd.Function):
 # training-sized product; decoding graphs with frozen weights use the raw operator instead.
 @torch.library.custom_op("llamalab::onednn_linear", mutates_args=())
 def _onednn_linear_op(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _product(x2, weight)
+    return onednn_product(x2, weight)
 
 
 @_onednn_linear_op.register_fake
@@ -160,7 +162,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (
         bias is None
         and _mode == "onednn"
-        and _AVAILABLE
+        and ONEDNN_AVAILABLE
         and x.dim() >= 2
         and x.numel() > 0
         and _plain_cpu_float32(x)
@@ -171,11 +173,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2 = x.reshape(-1, x.shape[-1])
         if torch.compiler.is_compiling():
             if _frozen:
-                return _product(x2, weight).view(out_shape)
+                return onednn_product(x2, weight).view(out_shape)
             return _onednn_linear_op(x2, weight).view(out_shape)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _OneDNNLinear.apply(x, weight)
-        return _product(x2, weight).view(out_shape)
+        return onednn_product(x2, weight).view(out_shape)
     return F.linear(x, weight, bias)
 
 

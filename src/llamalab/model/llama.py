@@ -155,8 +155,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, rope, mask, kv_cache=None):  # type: ignore[no-untyped-def]
         # Read layer_idx only when a cache needs it: torch.compile specialises on integer module
-        # attributes, so reading it always would compile one graph per layer (and past
-        # Dynamo's recompile limit, 8, leave the remaining layers eager) instead of one for all.
+        # attributes, so once a new sequence length made Dynamo recompile, reading it compiled
+        # one graph per layer (and past its recompile limit, 8, left later layers eager).
         layer_idx = self.layer_idx if kv_cache is not None else 0
         h = x + self.attention(self.attention_norm(x), rope, mask, kv_cache, layer_idx)
         return h + self.feed_forward(self.ffn_norm(h))
