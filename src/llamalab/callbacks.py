@@ -165,6 +165,15 @@ class PreemptionCheckpoint(Callback):
             if isinstance(callback, ModelCheckpoint) and self._same_folder(callback):
                 callback.last_model_path = str(path)
         trainer.save_checkpoint(str(path))
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                # ModelCheckpoint.on_train_end writes `last` when it has not saved one yet (no
+                # periodic checkpoint so far). It would run after the fit loop has closed the
+                # stopped epoch, so its `last.ckpt` would say "epoch 1, 5 batches done" where
+                # ours says "epoch 0, 5 batches": the resume would then skip into the next
+                # epoch's data order. Mark this step as saved so that nothing overwrites it.
+                callback._last_checkpoint_saved = str(path)
+                callback._last_global_step_saved = trainer.global_step
         self.saved_path, self.signum = str(path), self._pending
         if trainer.is_global_zero:
             name = signal.Signals(self.signum).name if self.signum else "preemption"

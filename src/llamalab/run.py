@@ -259,6 +259,40 @@ def accumulation(cfg: DictConfig, world: int) -> int:
     return max(1, round(target))
 
 
+def validation_schedule(trainer_cfg: DictConfig, accumulate: int) -> dict[str, Any]:
+    """``trainer.val_check_interval`` as Lightning needs it, valid for any number of ranks.
+
+    - null: once per epoch (``check_val_every_n_epoch`` epochs);
+    - a float in (0, 1]: that fraction of each rank's epoch;
+    - an int N: every N optimizer steps, counted across epochs. Lightning counts training
+      batches per rank, so it gets ``N * accumulate`` with ``check_val_every_n_epoch=None``:
+      the interval no longer has to fit in one rank's share of an epoch (with 2 ranks each sees
+      half the batches, and a fixed interval of 50 failed against 41 batches per rank).
+    A value that can never work stops here, naming the key.
+    """
+    interval = trainer_cfg.get("val_check_interval")
+    if interval is None:
+        return {}
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)):
+        raise ConfigError(
+            f"trainer.val_check_interval={interval!r}: use null (every epoch), a fraction of an "
+            "epoch in (0, 1], or a whole number of optimizer steps"
+        )
+    if isinstance(interval, float) and not interval.is_integer():
+        if not 0.0 < interval <= 1.0:
+            raise ConfigError(
+                f"trainer.val_check_interval={interval}: a fraction of an epoch must be in (0, 1]; "
+                "a whole number means optimizer steps"
+            )
+        return {"val_check_interval": interval}
+    if interval < 1:
+        raise ConfigError(
+            f"trainer.val_check_interval={interval}: a number of optimizer steps must be >= 1 "
+            "(null validates once per epoch)"
+        )
+    return {"val_check_interval": int(interval) * accumulate, "check_val_every_n_epoch": None}
+
+
 def world_size(cfg: DictConfig) -> int:
     devices = cfg.trainer.get("devices", 1)
     n = devices if isinstance(devices, int) and devices > 0 else 1
@@ -324,12 +358,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from llamalab.reliability import checkpoint_plugins, fit
 
     strategy = build_strategy(cfg)
+    accumulate = accumulation(cfg, world_size(cfg))
     trainer_overrides: dict[str, Any] = {
         "logger": build_loggers(cfg, out),
         "callbacks": build_callbacks(cfg),
         "strategy": strategy,
         "plugins": checkpoint_plugins(strategy),  # crash-safe checkpoint files
-        "accumulate_grad_batches": accumulation(cfg, world_size(cfg)),
+        "accumulate_grad_batches": accumulate,
+        **validation_schedule(cfg.trainer, accumulate if module.automatic_optimization else 1),
     }
     if cfg.trainer.get("max_steps", -1) == -1 and cfg.trainer.get("max_epochs") is None:
         trainer_overrides["max_epochs"] = int(cfg.stage.get("epochs", 1))

@@ -124,9 +124,22 @@ def finish_previous_run() -> None:
 
 
 def wandb_loggers(trainer: L.Trainer) -> list[Any]:
+    """The trainer's W&B loggers, on every rank (on ranks other than 0 Lightning gives them a
+    dummy ``experiment``: use :func:`wandb_runs` to touch the run itself)."""
     from lightning.pytorch.loggers import WandbLogger
 
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def wandb_runs(trainer: L.Trainer) -> list[Any]:
+    """The W&B runs this process may write to: rank 0's, none on other ranks.
+
+    Lightning creates the run on global rank 0 only; elsewhere ``WandbLogger.experiment`` is a
+    ``DummyExperiment`` whose attributes are functions, so ``run.config.update`` would crash.
+    """
+    if not trainer.is_global_zero:
+        return []
+    return [lg.experiment for lg in wandb_loggers(trainer)]
 
 
 class WandbTracking(L.Callback):
@@ -152,8 +165,7 @@ class WandbTracking(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for logger in wandb_loggers(trainer):
-            run = logger.experiment  # already created by Lightning before callbacks' setup
+        for run in wandb_runs(trainer):  # created by Lightning before callbacks' setup
             if self.config:
                 run.config.update(self.config, allow_val_change=True)
             run.define_metric(TOKENS_AXIS)
@@ -170,6 +182,8 @@ class WandbTracking(L.Callback):
             # In the validation row too, so val curves (W&B and CSV) have their x value.
             pl_module.log(TOKENS_AXIS, float(tokens), on_step=False, on_epoch=True)
         if wandb_loggers(trainer) and not trainer.sanity_checking:
+            # Every rank generates (under ZeRO-3 / FSDP each forward is collective); only rank 0
+            # writes the table.
             self.log_samples(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -185,9 +199,9 @@ class WandbTracking(L.Callback):
         ]
         if not new:
             return
-        for logger in wandb_loggers(trainer):
+        for run in wandb_runs(trainer):
             for name in new:
-                logger.experiment.define_metric(name, step_metric=TOKENS_AXIS, step_sync=True)
+                run.define_metric(name, step_metric=TOKENS_AXIS, step_sync=True)
         self._defined.update(new)
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -195,7 +209,7 @@ class WandbTracking(L.Callback):
         rows = pretrain_samples(
             trainer, pl_module, self.samples, self.prompt_tokens, self.new_tokens
         )
-        if not rows:
+        if not rows or not trainer.is_global_zero:
             return
         for logger in wandb_loggers(trainer):
             logger.log_table(key="val/samples", columns=SAMPLE_COLUMNS, data=rows)
