@@ -13,27 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from llamalab.model import KVCache, Llama, LlamaConfig, LlamaScalar
-from llamalab.scale.plan import (
+from llamalab.scale.memory import (
     GIB,
     Numerics,
-    Plan,
     PlanError,
-    StageModels,
     activation_breakdown,
     activation_bytes_per_gpu,
-    check_fits,
-    default_cluster,
     frozen_weight_bytes,
     fsdp_unit_params,
     kv_cache_bytes,
     largest_layer_params,
-    make_plan,
     model_state_bytes,
     model_state_bytes_per_gpu,
     normalize_precision,
     zero2_model_states_mem_needs,
     zero3_model_states_mem_needs,
 )
+from llamalab.scale.plan import Plan, StageModels, check_fits, default_cluster, make_plan
 
 # PAPER.md table: Meta's released sizes, LM head included.
 PAPER_PARAMS = {"7b": 6_738_415_616, "13b": 13_015_864_320, "70b": 68_976_648_192}

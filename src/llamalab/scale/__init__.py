@@ -1,9 +1,9 @@
-"""Scale: memory planning (``plan``), applied from outside the model. Plain arithmetic: it builds
-no model and imports no Lightning, Hydra or DeepSpeed."""
+"""Scale: memory planning (``plan``, its formulas in ``memory``), applied from outside the model.
+Plain arithmetic: it builds no model and imports no Lightning, Hydra or DeepSpeed."""
 
+from llamalab.scale.memory import STRATEGIES
 from llamalab.scale.plan import (
     STAGES,
-    STRATEGIES,
     Plan,
     PlanError,
     StageModels,
