@@ -63,7 +63,8 @@ def encode_rows(
     """Every raw row and the token lists to score: one per response row, two (chosen then
     rejected) per pair row; None where the sequence exceeds ``max_len``."""
     from llamalab.data.errors import DataError
-    from llamalab.data.formats import iter_rows, normalize_preference, normalize_sft
+    from llamalab.data.formats import normalize_preference, normalize_sft
+    from llamalab.data.sources import iter_rows
     from llamalab.tokenizer import DialogError
 
     rows: list[dict[str, Any]] = []

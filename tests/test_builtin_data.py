@@ -22,7 +22,7 @@ from llamalab.data.judge import (
     ground_truth_report,
     is_refusal,
 )
-from llamalab.rlhf.losses import RATINGS
+from llamalab.data.labels import RATINGS
 
 PROMPT_KEYS = {"prompt", "is_safety", "kind", "reference", "object"}
 PREFERENCE_KEYS = {"prompt", "chosen", "rejected", "rating", "is_safety"}

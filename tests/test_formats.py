@@ -11,7 +11,6 @@ from _helpers_data import assistant, system, user, write_jsonl, write_parquet
 
 from llamalab.data.errors import DataError
 from llamalab.data.formats import (
-    iter_rows,
     load_preference_records,
     load_prompt_records,
     load_sft_records,
@@ -19,6 +18,7 @@ from llamalab.data.formats import (
     normalize_prompt,
     normalize_sft,
 )
+from llamalab.data.sources import iter_rows
 
 # ------------------------------------------------------------------------------ DataError
 

@@ -9,6 +9,7 @@ import torch
 from _helpers_data import assistant, small_tokenizer, system, user, write_jsonl
 
 from llamalab.data.errors import DataError
+from llamalab.data.labels import RATINGS
 from llamalab.data.preference import (
     PreferenceCollator,
     PreferenceDataModule,
@@ -16,7 +17,6 @@ from llamalab.data.preference import (
     encode_preference_records,
 )
 from llamalab.data.prompts import PromptDataModule, PromptDataset, collate_prompts
-from llamalab.rlhf.losses import RATINGS
 from llamalab.tokenizer import Tokenizer
 
 RECORD = {

@@ -16,9 +16,9 @@ from helpers import REPO, run_train
 from llamalab.checkpoint import load_model, save_hf
 from llamalab.data.builtin import builtin_preferences
 from llamalab.data.corpus import load_builtin_tokenizer
+from llamalab.data.labels import RATINGS
 from llamalab.data.preference import PreferenceCollator, encode_preference_records, pad_rows
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
-from llamalab.rlhf.losses import RATINGS
 from llamalab.stages.reward import (
     PreferenceMetrics,
     RewardStage,

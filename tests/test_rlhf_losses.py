@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llamalab.data.labels import RATINGS, parse_rating
 from llamalab.rlhf import (
     MARGINS,
-    RATINGS,
     lm_loss,
     lm_loss_per_sample,
-    parse_rating,
     ranking_loss,
     rating_margins,
     reward_centering_loss,

@@ -9,6 +9,7 @@ import torch
 from _helpers_data import assistant, small_tokenizer, system, user, write_jsonl
 
 from llamalab.data.errors import DataError
+from llamalab.data.labels import IGNORE_INDEX
 from llamalab.data.sampling import ResumableRandomSampler, holdout_split
 from llamalab.data.sft import (
     EncodeStats,
@@ -18,7 +19,6 @@ from llamalab.data.sft import (
     pack_examples,
     pad_batch,
 )
-from llamalab.rlhf.losses import IGNORE_INDEX
 from llamalab.tokenizer import Tokenizer
 
 SYSTEM = "Answer briefly."

@@ -13,9 +13,10 @@ import pytest
 import torch
 from _helpers_data import small_tokenizer
 
+from llamalab.data.labels import IGNORE_INDEX
 from llamalab.data.sft import SFTDataModule, pack_examples, pad_batch
 from llamalab.model import Llama, LlamaConfig
-from llamalab.rlhf.losses import IGNORE_INDEX, lm_loss_per_sample
+from llamalab.rlhf.losses import lm_loss_per_sample
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

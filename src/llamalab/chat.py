@@ -20,9 +20,8 @@ import torch
 
 from llamalab.model import Llama
 from llamalab.model.kv_cache import KVCache
-from llamalab.tokenizer import DialogError, Tokenizer
+from llamalab.tokenizer import DialogError, Message, Tokenizer
 
-Message = dict[str, str]
 DEFAULT_RUNS = ("sft", "pretrain")  # what `chat.py` loads without --model, in this order
 
 
@@ -282,7 +281,8 @@ def read_prompts(path: str | Path, system: str | None = None) -> list[tuple[Any,
     Alpaca `instruction` (`llamalab.data.formats`; a bad line stops with its file and line).
     Any other file: one prompt per non-empty line. `system` is added where none is given.
     """
-    from llamalab.data.formats import FILE_SUFFIXES, load_prompt_records
+    from llamalab.data.formats import load_prompt_records
+    from llamalab.data.sources import FILE_SUFFIXES
 
     source = Path(path)
     if source.suffix in FILE_SUFFIXES or source.is_dir():

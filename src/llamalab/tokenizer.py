@@ -26,6 +26,8 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 # The four strings a message may not contain (Meta answers UNSAFE_ERROR, we raise DialogError).
 SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
 ROLES = ("system", "user", "assistant")
+# One chat message, {"role": one of ROLES, "content": text}; a dialog is a list of them.
+Message = dict[str, str]
 
 # LLaMA 2's trainer settings (PAPER.md "Architecture"). unk/bos/eos = 0/1/2 and no pad piece.
 LLAMA_TRAINER_SETTINGS: dict[str, Any] = {

@@ -54,3 +54,10 @@ class DataError(ValueError):
             self.line if self.line is not None else line,
             self.field,
         )
+
+
+def type_name(value: Any) -> str:
+    """How error messages name a value's JSON type ("a string", "null" ...)."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    names |= {int: "a number", float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)

@@ -1,256 +1,43 @@
-"""Read users' SFT, preference and prompt data, check every record, normalise it.
+"""Record schemas: check every record of users' SFT, preference and prompt data, normalise it.
 
-Sources (DESIGN.md "Built-in data"): JSON lines (`.jsonl`, or `.json` holding JSON lines, one
-JSON array or one object), `.parquet`, a directory of such files, a `datasets` directory written by
-`save_to_disk`, or `hf:NAME[:SPLIT]` for anything `datasets.load_dataset` reads (a local
-directory here, the hub elsewhere). Every problem is a `DataError` naming the file, the 1-based
-line (row for Parquet / `datasets`) and the field, raised before any model is built.
+Rows come from :mod:`llamalab.data.sources` (files, Parquet, `datasets`, `hf:`); this module
+checks their fields and turns every supported format into one normalised record. Every problem is
+a `DataError` naming the file, the 1-based line (row for Parquet / `datasets`) and the field,
+raised before any model is built.
 
 Normalised records (what every later stage sees, whatever the user's format):
 - SFT: `{"messages": [{"role", "content"}, ...]}`: optional system first, then user/assistant
   alternating, ending with assistant. A `messages` record that also has `instruction` is a GAtt
-  dialog (PAPER.md §3.3) and keeps `instruction`.
+  dialog (PAPER.md §3.3) and keeps `instruction`. Accepted: `messages`, `prompt` + `response`
+  (or `completion`), Alpaca `instruction` (+ `input`) + `output`.
 - preference: `{"prompt": [messages ending with user], "chosen": str, "rejected": str,
-  "rating": one of RATINGS | None, "is_safety": bool}`.
+  "rating": one of RATINGS | None, "is_safety": bool}`; accepted with an explicit prompt, as
+  message lists, or as Anthropic HH transcripts.
 - prompt (PPO, rejection sampling): `{"prompt": [messages ending with user], "is_safety": bool}`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from llamalab.data.errors import DataError
-from llamalab.rlhf.losses import RATINGS, parse_rating
+from llamalab.data.errors import DataError, type_name
+from llamalab.data.labels import RATINGS, parse_rating
+from llamalab.data.sources import Row, iter_rows
+from llamalab.tokenizer import ROLES, SPECIAL_TAGS, Message
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
 Record = dict[str, Any]
-Row = dict[str, Any]
 
-ROLES = ("system", "user", "assistant")
-# Meta's chat format refuses any message that contains one of its tags (PAPER.md, chat format).
-RESERVED_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-HF_PREFIX = "hf:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-# ----------------------------------------------------------------------------------- sources
-
-
-def iter_rows(source: str | Path) -> Iterator[tuple[str, int, Row]]:
-    """Yield `(path, line, row)` for every raw record of a source (see the module docstring).
-
-    `line` is 1-based: the line of a JSON-lines file, the line where an array item starts, or
-    the row of a Parquet file / `datasets` split. Unreadable input raises `DataError`.
-    """
-    text = str(source)
-    if text.startswith(HF_PREFIX):
-        yield from _rows_hf(text)
-        return
-    path = Path(source)
-    if path.is_dir():
-        if _is_saved_dataset(path):
-            yield from _rows_dataset(_load_saved(path, None, text), text)
-            return
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and p.suffix in FILE_SUFFIXES and not p.name.startswith(".")
-        )
-        if not files:
-            raise DataError(f"no {'/'.join(FILE_SUFFIXES)} files in this directory", path=text)
-        for file in files:
-            yield from _rows_file(file)
-        return
-    if not path.exists():
-        raise DataError("no such file or directory", path=text)
-    yield from _rows_file(path)
-
-
-def _rows_file(path: Path) -> Iterator[tuple[str, int, Row]]:
-    if path.suffix == ".parquet":
-        yield from _rows_parquet(path)
-    elif path.suffix in (".jsonl", ".json"):
-        yield from _rows_json(path)
-    else:
-        raise DataError(f"unsupported file type; expected one of {FILE_SUFFIXES}", path=str(path))
-
-
-def _rows_json(path: Path) -> Iterator[tuple[str, int, Row]]:
-    """JSON lines; a `.json` file whose first character is `[` is read as one JSON array."""
-    name = str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"cannot read: {err.strerror or err}", path=name) from None
-    if path.suffix == ".json" and data.lstrip()[:1] == b"[":
-        yield from _rows_json_array(name, _decode(data, name, 1))
-        return
-    if path.suffix == ".json" and data.lstrip()[:1] == b"{":  # maybe one pretty-printed object
-        single = _single_object(data)
-        if single is not None:
-            yield name, 1, single
-            return
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        line = _decode(raw, name, number).strip()
-        if line:
-            yield name, number, _as_object(_parse_json(line, name, number), name, number)
-
-
-def _single_object(data: bytes) -> Row | None:
-    """The object of a `.json` file holding exactly one (else None: read it as JSON lines)."""
-    try:
-        value = json.loads(data.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _decode(raw: bytes, path: str, line: int) -> str:
-    try:
-        return raw.decode("utf-8-sig" if line == 1 else "utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"not valid UTF-8 (byte {err.start + 1})", path=path, line=line) from None
-
-
-def _parse_json(text: str, path: str, line: int) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", path, line) from None
-    except RecursionError:
-        raise DataError("malformed JSON: nested too deeply", path, line) from None
-
-
-def _as_object(value: Any, path: str, line: int) -> Row:
-    if not isinstance(value, dict):
-        raise DataError(f"expected a JSON object, got {_type_name(value)}", path, line)
-    return value
-
-
-def _rows_json_array(path: str, text: str) -> Iterator[tuple[str, int, Row]]:
-    """Items of one JSON array (Alpaca's own `alpaca_data.json` is one), each with the line
-    where it starts, so errors still point at the right place."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted = 1, 0
-
-    def where(position: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, position)
-        counted = position
-        return line
-
-    pos = _skip_space(text, pos)
-    if text.startswith("]", pos):
-        return
-    while True:
-        try:
-            value, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
-            raise DataError(f"malformed JSON: {err.msg}", path, where(err.pos)) from None
-        except RecursionError:
-            raise DataError("malformed JSON: nested too deeply", path, where(pos)) from None
-        yield path, where(pos), _as_object(value, path, where(pos))
-        pos = _skip_space(text, end)
-        if text.startswith("]", pos) and not text[pos + 1 :].strip():
-            return
-        if not text.startswith(",", pos):
-            raise DataError("malformed JSON array: expected ',' or a final ']'", path, where(pos))
-        pos = _skip_space(text, pos + 1)
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\r\n":
-        pos += 1
-    return pos
-
-
-def _rows_parquet(path: Path) -> Iterator[tuple[str, int, Row]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    name = str(path)
-    number = 0
-    try:
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(batch_size=1024):
-            for row in batch.to_pylist():
-                number += 1
-                yield name, number, row
-    except (pa.ArrowException, OSError, ValueError, EOFError, MemoryError) as err:
-        where = number + 1 if number else None
-        raise DataError(f"unreadable Parquet file: {err}", path=name, line=where) from None
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-
-
-def _rows_hf(spec: str) -> Iterator[tuple[str, int, Row]]:
-    """`hf:NAME[:SPLIT]`: a saved dataset directory, or anything `load_dataset` understands."""
-    name, split = spec[len(HF_PREFIX) :], None
-    head, sep, tail = name.rpartition(":")
-    if sep and head and "/" not in tail:
-        name, split = head, tail
-    if not name:
-        raise DataError("expected hf:NAME[:SPLIT]", path=spec)
-    if Path(name).is_dir() and _is_saved_dataset(Path(name)):
-        yield from _rows_dataset(_load_saved(Path(name), split, spec), spec)
-        return
-    import datasets
-
-    try:
-        dataset = datasets.load_dataset(name, split=split or "train")
-    except Exception as err:  # the library's own errors vary: report, never crash
-        raise DataError(f"datasets.load_dataset failed: {err}", path=spec) from None
-    yield from _rows_dataset(dataset, spec)
-
-
-def _load_saved(path: Path, split: str | None, spec: str) -> Any:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as err:  # corrupt or foreign directory
-        raise DataError(f"datasets.load_from_disk failed: {err}", path=spec) from None
-    if not isinstance(loaded, datasets.DatasetDict):
-        return loaded
-    if split is None:
-        split = "train" if "train" in loaded or len(loaded) != 1 else next(iter(loaded))
-    if split not in loaded:
-        raise DataError(f"no split {split!r}; the dataset has {sorted(loaded)}", path=spec)
-    return loaded[split]
-
-
-def _rows_dataset(dataset: Any, spec: str) -> Iterator[tuple[str, int, Row]]:
-    import pyarrow as pa
-
-    number = 0
-    try:
-        for number, row in enumerate(dataset, start=1):
-            yield spec, number, _as_object(row, spec, number)
-    except (pa.ArrowException, OSError, ValueError, EOFError, MemoryError) as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"unreadable dataset: {err}", path=spec, line=number + 1) from None
-
-
 # ------------------------------------------------------------------------------ field checks
-
-
-def _type_name(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
-    names |= {int: "a number", float: "a number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
 
 
 def _text(value: Any, field: str, *, allow_empty: bool = False) -> str:
@@ -258,10 +45,10 @@ def _text(value: Any, field: str, *, allow_empty: bool = False) -> str:
     if value is None:
         raise DataError("missing", field=field)
     if not isinstance(value, str):
-        raise DataError(f"expected a string, got {_type_name(value)}", field=field)
+        raise DataError(f"expected a string, got {type_name(value)}", field=field)
     if not allow_empty and not value.strip():
         raise DataError("empty", field=field)
-    for tag in RESERVED_TAGS:
+    for tag in SPECIAL_TAGS:
         if tag in value:
             raise DataError(f"contains the reserved chat tag {tag!r}", field=field)
     return value
@@ -271,7 +58,7 @@ def _messages(value: Any, field: str, *, last: str) -> list[Message]:
     """A role/content list in chat order whose last message has role `last`."""
     if not isinstance(value, list):
         raise DataError(
-            f"expected a list of {{role, content}} messages, got {_type_name(value)}", field=field
+            f"expected a list of {{role, content}} messages, got {type_name(value)}", field=field
         )
     if not value:
         raise DataError("empty message list", field=field)
@@ -282,7 +69,7 @@ def _messages(value: Any, field: str, *, last: str) -> list[Message]:
 
 def _message(item: Any, field: str) -> Message:
     if not isinstance(item, dict):
-        raise DataError(f"expected a {{role, content}} object, got {_type_name(item)}", field=field)
+        raise DataError(f"expected a {{role, content}} object, got {type_name(item)}", field=field)
     role = item.get("role")
     if role is None:
         raise DataError("missing", field=f"{field}.role")
@@ -329,7 +116,7 @@ def _rating(value: Any) -> str | None:
         return None
     if not isinstance(value, str):
         raise DataError(
-            f"expected a rating such as 'better', got {_type_name(value)}", field="rating"
+            f"expected a rating such as 'better', got {type_name(value)}", field="rating"
         )
     try:
         index = parse_rating(value)

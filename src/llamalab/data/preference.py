@@ -21,8 +21,8 @@ import torch
 
 from llamalab.data.errors import DataError
 from llamalab.data.formats import Record, load_preference_records, normalize_preference
+from llamalab.data.labels import parse_rating
 from llamalab.data.sampling import ResumableDataModule, holdout_split
-from llamalab.rlhf.losses import parse_rating
 from llamalab.tokenizer import DialogError, Tokenizer
 
 log = logging.getLogger(__name__)

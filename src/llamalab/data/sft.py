@@ -27,10 +27,10 @@ from typing import Any, Literal
 import torch
 
 from llamalab.data.errors import DataError
-from llamalab.data.formats import Message, Record, load_sft_records, normalize_sft
+from llamalab.data.formats import Record, load_sft_records, normalize_sft
+from llamalab.data.labels import IGNORE_INDEX
 from llamalab.data.sampling import ResumableDataModule, holdout_split
-from llamalab.rlhf.losses import IGNORE_INDEX
-from llamalab.tokenizer import DialogError, Tokenizer
+from llamalab.tokenizer import DialogError, Message, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,9 @@
 """Pure maths of the LLaMA 2 recipe: LM loss, ranking loss with margins, the combined PPO reward,
-KL estimators and controllers, GAE, clipped PPO losses and whitening. Imports torch only.
+KL estimators and controllers, GAE, clipped PPO losses and whitening. Imports torch only (and the
+plain-Python label names of ``llamalab.data.labels``, re-exported here for existing callers).
 """
 
+from llamalab.data.labels import IGNORE_INDEX, RATINGS, parse_rating
 from llamalab.rlhf.kl import (
     KL_KINDS,
     AdaptiveKLController,
@@ -10,12 +12,9 @@ from llamalab.rlhf.kl import (
     kl_penalty,
 )
 from llamalab.rlhf.losses import (
-    IGNORE_INDEX,
     MARGINS,
-    RATINGS,
     lm_loss,
     lm_loss_per_sample,
-    parse_rating,
     ranking_loss,
     rating_margins,
     reward_centering_loss,

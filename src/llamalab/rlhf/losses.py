@@ -1,5 +1,8 @@
 """Supervised losses: next-token cross entropy (pretraining, SFT) and the reward-model ranking loss.
 
+The label conventions they read (``IGNORE_INDEX``, the rating names ``RATINGS`` and their parsing)
+live in :mod:`llamalab.data.labels`; the margins per rating are maths and stay here.
+
 Everything is computed in float32 whatever the dtype of the inputs (bf16 logits lose too much
 precision in a log-softmax over a 32k vocabulary).
 """
@@ -9,16 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-
-# Preference ratings, strongest first (PAPER.md §3.2.2, Table 27). The index into this tuple is
-# what a preference batch carries in `rating`; -1 means "no rating given".
-RATINGS: tuple[str, ...] = (
-    "significantly_better",
-    "better",
-    "slightly_better",
-    "negligibly_better",
-)
+from llamalab.data.labels import IGNORE_INDEX, RATINGS
 
 # Margin m(r) for each rating, in the order of RATINGS (PAPER.md Tables 27-28). "none" turns the
 # margin off (the plain Bradley-Terry loss).
@@ -100,23 +94,6 @@ def lm_loss_per_sample(
     """
     loss, valid = _per_token_lm_loss(logits, labels, ignore_index)
     return loss.sum(dim=1) / valid.sum(dim=1).clamp_min(1)
-
-
-def parse_rating(text: str | None) -> int:
-    """Index into RATINGS of a rating written as text (PAPER.md §3.2.2, Table 27).
-
-    Case-insensitive; words may be joined by spaces, underscores or hyphens ("Slightly better",
-    "slightly_better"). "unsure" counts as "negligibly_better", as the paper groups them.
-    None or an empty string means "no rating" and gives -1. Anything else raises ValueError.
-    """
-    if text is None or not text.strip():
-        return -1
-    key = "_".join(text.strip().lower().replace("-", " ").replace("_", " ").split())
-    if key == "unsure":
-        return RATINGS.index("negligibly_better")
-    if key in RATINGS:
-        return RATINGS.index(key)
-    raise ValueError(f"unknown preference rating {text!r}; expected one of {RATINGS} or 'unsure'")
 
 
 def rating_margins(rating_idx: torch.Tensor, table: str) -> torch.Tensor:
