@@ -23,6 +23,7 @@ from llamalab.data.judge import (
     is_refusal,
 )
 from llamalab.data.labels import RATINGS
+from llamalab.tokenizer import SPECIAL_TAGS
 
 PROMPT_KEYS = {"prompt", "is_safety", "kind", "reference", "object"}
 PREFERENCE_KEYS = {"prompt", "chosen", "rejected", "rating", "is_safety"}
@@ -179,7 +180,7 @@ def test_no_chat_tags_and_short_answers() -> None:
     texts = _all_texts()
     assert texts
     for text in texts:
-        assert not any(tag in text for tag in B.CHAT_TAGS), text
+        assert not any(tag in text for tag in SPECIAL_TAGS), text
         assert len(text) < 200, text  # well under 60 tokens of a tiny tokenizer
 
 
