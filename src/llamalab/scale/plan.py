@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from llamalab import pipeline
 from llamalab.model.config import LlamaConfig
 
 GIB = 2**30
-STAGES = ("pretrain", "sft", "reward", "ppo", "rejection_sampling")
+STAGES = tuple(pipeline.STAGES)
 STRATEGIES = (
     "auto",
     "ddp",
@@ -107,48 +108,6 @@ class ModelSpec:
     input: str | None  # what the real run would load (None: random initialisation)
 
 
-# Inputs a stage loads by default: the previous stage's latest export (DESIGN.md, command line).
-# The critic starts from the helpfulness RM (peers' practice, PAPER.md "Common practice").
-DEFAULT_INPUTS: dict[str, dict[str, str | None]] = {
-    "pretrain": {"model": None},
-    "sft": {"model": "outputs/pretrain/latest/export"},
-    "reward": {"reward": "outputs/sft/latest/export"},
-    "ppo": {
-        "actor": "outputs/sft/latest/export",
-        "critic": "outputs/reward_helpful/latest/export",
-        "reference": "outputs/sft/latest/export",
-        "reward_helpful": "outputs/reward_helpful/latest/export",
-        "reward_safety": "outputs/reward_safety/latest/export",
-    },
-    "rejection_sampling": {
-        "policy": "outputs/sft/latest/export",
-        "reward_helpful": "outputs/reward_helpful/latest/export",
-        "reward_safety": "outputs/reward_safety/latest/export",
-    },
-}
-
-# (role, head, trainable) per stage. PPO (PAPER.md §3.2.3): the policy and its value model are
-# trained; the SFT reference (for the KL term) and both reward models are frozen. Rejection
-# sampling generates with the policy and fine-tunes it (the SFT step) on the best-scored samples.
-_STAGE_ROLES: dict[str, tuple[tuple[str, str, bool], ...]] = {
-    "pretrain": (("model", "lm", True),),
-    "sft": (("model", "lm", True),),
-    "reward": (("reward", "scalar", True),),
-    "ppo": (
-        ("actor", "lm", True),
-        ("critic", "scalar", True),
-        ("reference", "lm", False),
-        ("reward_helpful", "scalar", False),
-        ("reward_safety", "scalar", False),
-    ),
-    "rejection_sampling": (
-        ("policy", "lm", True),
-        ("reward_helpful", "scalar", False),
-        ("reward_safety", "scalar", False),
-    ),
-}
-
-
 @dataclass(frozen=True)
 class StageModels:
     """The models a stage holds at once, with the input each would load."""
@@ -158,16 +117,24 @@ class StageModels:
 
     @classmethod
     def for_stage(cls, stage: str, inputs: dict[str, str] | None = None) -> StageModels:
-        """The stage's models; ``inputs`` (role -> path) override DEFAULT_INPUTS by role."""
-        if stage not in _STAGE_ROLES:
+        """The stage's models (:mod:`llamalab.pipeline`); ``inputs`` (role -> path) override by
+        role the defaults (the producing run's ``latest`` under ``$LLAMALAB_OUTPUTS`` or
+        ``outputs``)."""
+        spec = pipeline.stage(stage)
+        if spec is None:
             raise PlanError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
         given = dict(inputs or {})
-        unknown = sorted(set(given) - {role for role, _, _ in _STAGE_ROLES[stage]})
+        unknown = sorted(set(given) - {m.role for m in spec.models})
         if unknown:
             raise PlanError(f"stage {stage!r} has no model(s) {unknown}; inputs name roles")
         models = tuple(
-            ModelSpec(role, head, trainable, given.get(role, DEFAULT_INPUTS[stage][role]))
-            for role, head, trainable in _STAGE_ROLES[stage]
+            ModelSpec(
+                m.role,
+                m.head,
+                m.trainable,
+                given.get(m.role, pipeline.default_input(stage, m.input) if m.input else None),
+            )
+            for m in spec.models
         )
         return cls(stage, models)
 
