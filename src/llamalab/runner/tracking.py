@@ -232,9 +232,8 @@ def pretrain_samples(
     prompts = [
         val_set[i]["input_ids"][:prompt_tokens].tolist() for i in range(min(n, len(val_set)))
     ]
-    out = generate(
-        getattr(model, "_orig_mod", model), prompts, new_tokens, temperature=0.0, top_p=None
-    )
+    llama: Any = getattr(model, "_orig_mod", model)  # torch.compile's wrapper, if any
+    out = generate(llama, prompts, new_tokens, temperature=0.0, top_p=None)
     step, seen = trainer.global_step, int(pl_module.tokens_seen)
     return [
         [step, seen, tokenizer.decode(p), tokenizer.decode(t)] for p, t in zip(prompts, out.tokens)
