@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llamalab.errors import run_cli
+from llamalab.runner.cli import run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """The one training entry point: `python src/train.py [group=option ...] [key=value ...]`.
 
-Composes the Hydra config (configs/train.yaml) and hands it to `llamalab.run.train`. Errors in
+Composes the Hydra config (configs/train.yaml) and hands it to `llamalab.runner.run.train`. Errors in
 the config, the data, the inputs or the memory plan stop the run with one clear message (set
 HYDRA_FULL_ERROR=1 for the traceback).
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from llamalab.errors import run_cli
-from llamalab.run import register_resolvers, train
+from llamalab.runner.cli import run_cli
+from llamalab.runner.paths import register_resolvers
+from llamalab.runner.run import train
 
 register_resolvers()
 

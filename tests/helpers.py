@@ -20,7 +20,7 @@ TRAIN = REPO / "src" / "train.py"
 
 def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
     """The composed config exactly as `src/train.py` would see it (hydra node included)."""
-    from llamalab.run import register_resolvers
+    from llamalab.runner.paths import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()

@@ -98,8 +98,8 @@ def test_resume_checkpoint_tensor_shapes_are_checked_by_name() -> None:
 def test_resume_from_another_stage_and_missing_ckpt_path(
     policy: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
-    from llamalab.reliability import atomic_write
-    from llamalab.run import checkpoint_architecture
+    from llamalab.runner.checkpoints import atomic_write
+    from llamalab.runner.run import checkpoint_architecture
 
     meta = {"model_config": checkpoint_architecture(policy).to_dict(), "stage": "reward"}
     ckpt = atomic_write(tmp_path / "reward.ckpt", lambda f: torch.save({"llamalab": meta}, f))

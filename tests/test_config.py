@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from llamalab.model import LlamaConfig
 from llamalab.model.config import ConfigError
-from llamalab.run import accumulation, architecture, stage_inputs, world_size
+from llamalab.runner.run import accumulation, architecture, stage_inputs
+from llamalab.scale.strategies import world_size
 
 
 def options(group: str) -> list[str]:

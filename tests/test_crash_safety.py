@@ -16,11 +16,10 @@ import torch
 from helpers import TRAIN
 from torch.utils.data import DataLoader, TensorDataset
 
-from llamalab.callbacks import PreemptionCheckpoint, RNGStateCheckpoint
-from llamalab.reliability import (
+from llamalab.runner.callbacks import Preempted, PreemptionCheckpoint, RNGStateCheckpoint
+from llamalab.runner.checkpoints import (
     WRITE_DELAY_ENV,
     AtomicCheckpointIO,
-    Preempted,
     atomic_write,
     checkpoint_plugins,
 )
@@ -205,11 +204,11 @@ def test_signal_saves_at_a_step_boundary_and_stops(
 
 
 def _fit(trainer: L.Trainer, data: TensorDataset) -> None:
-    """``llamalab.reliability.fit`` with a plain dataloader (no datamodule)."""
-    from llamalab import reliability
+    """``llamalab.runner.callbacks.fit`` with a plain dataloader (no datamodule)."""
+    from llamalab.runner import callbacks
 
     original = trainer.fit
     trainer.fit = lambda module, datamodule=None, ckpt_path=None: original(  # type: ignore[method-assign]
         module, train_dataloaders=DataLoader(data, batch_size=4), ckpt_path=ckpt_path
     )
-    reliability.fit(trainer, _Regression(), None, None)
+    callbacks.fit(trainer, _Regression(), None, None)

@@ -30,7 +30,7 @@ from llamalab.experiments import (
     write_json,
     write_records,
 )
-from llamalab.run import architecture
+from llamalab.runner.run import architecture
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 # Shrinks any experiment to seconds: one layer, 2 steps of 2 x 256 tokens, one validation batch.

@@ -74,7 +74,8 @@ def test_70b_ppo_holds_five_70b_class_models() -> None:
     assert [r.head for r in rows] == ["lm", "scalar", "lm", "scalar", "scalar"]
 
 
-def test_stage_models_roles_and_inputs() -> None:
+def test_stage_models_roles_and_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLAMALAB_OUTPUTS", raising=False)
     table = {
         stage: [(m.role, m.head, m.trainable) for m in StageModels.for_stage(stage).models]
         for stage in ("pretrain", "sft", "reward", "rejection_sampling")
@@ -91,7 +92,9 @@ def test_stage_models_roles_and_inputs() -> None:
     }
     ppo = StageModels.for_stage("ppo", {"actor": "/ckpt/meta-70b-chat"})
     assert ppo.models[0].input == "/ckpt/meta-70b-chat"
-    assert ppo.models[2].input == "outputs/sft/latest/export"  # reference: default
+    assert ppo.models[2].input == "outputs/sft/latest"  # reference: SFT's latest run
+    monkeypatch.setenv("LLAMALAB_OUTPUTS", "/runs")  # what paths.outputs_root defaults to
+    assert StageModels.for_stage("ppo").models[1].input == "/runs/reward_helpful/latest"
     assert StageModels.for_stage("pretrain").models[0].input is None
     with pytest.raises(PlanError, match="no model"):
         StageModels.for_stage("ppo", {"policy": "x"})

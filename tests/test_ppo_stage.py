@@ -301,7 +301,9 @@ def test_missing_inputs_are_found_before_anything_is_built(
     named with the command that produces it; present ones pass."""
     from hydra import compose, initialize_config_dir
 
-    from llamalab.run import MissingInputError, check_inputs, register_resolvers
+    from llamalab.pipeline import MissingInputError
+    from llamalab.runner.paths import register_resolvers
+    from llamalab.runner.run import check_inputs
 
     register_resolvers()
     with initialize_config_dir(

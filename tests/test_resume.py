@@ -14,10 +14,10 @@ from _helpers_rlhf import make_policy, make_reward_model
 from helpers import run_train
 from safetensors.torch import load_file
 
-from llamalab.callbacks import PREEMPT_AT_STEP_ENV, collect_rng_states, set_rng_states
 from llamalab.checkpoint import CheckpointError
 from llamalab.model import LlamaConfig
-from llamalab.reliability import (
+from llamalab.runner.callbacks import PREEMPT_AT_STEP_ENV, collect_rng_states, set_rng_states
+from llamalab.runner.checkpoints import (
     MissingCheckpointError,
     atomic_write,
     check_resume_checkpoint,

@@ -94,7 +94,7 @@ def test_paper_sizes_default_to_zero3_bf16_and_the_command_line_wins(
 
 
 def test_70b_ppo_plan_fits_the_default_cluster_under_its_default_strategy(tmp_path: Path) -> None:
-    from llamalab.run import architecture
+    from llamalab.runner.run import architecture
     from llamalab.scale.plan_cfg import plan_from_config
 
     cfg = compose_config(

@@ -11,8 +11,8 @@ import pytest
 from helpers import compose_config, run_train
 from omegaconf import OmegaConf
 
-from llamalab.callbacks import default_callbacks
-from llamalab.tracking import (
+from llamalab.runner.callbacks import default_callbacks
+from llamalab.runner.tracking import (
     TOKENS_AXIS,
     WandbTracking,
     finish_previous_run,

@@ -2,7 +2,7 @@
 
 The data must never be the bottleneck: for each size (``tiny``, ``small``) and each data path,
 batches are drawn from the same DataLoader a training run uses, built the way
-``llamalab.run.train`` builds it: the real config composed by Hydra (``train.yaml`` with
+``llamalab.runner.run.train`` builds it: the real config composed by Hydra (``train.yaml`` with
 ``stage=pretrain|sft model=<size>``, so ``configs/data/<stage>.yaml`` and
 ``stage_size/<stage>_<size>.yaml`` give the batch size, sequence length and ``num_workers``),
 ``hydra.utils.instantiate(cfg.data, tokenizer_path=...)``, then ``prepare_data`` / ``setup`` /
@@ -63,7 +63,7 @@ def compose(overrides: list[str]) -> Any:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from llamalab.run import register_resolvers
+    from llamalab.runner.paths import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()
@@ -72,12 +72,12 @@ def compose(overrides: list[str]) -> Any:
 
 
 def build(cfg: Any, tokenizer_path: str | None) -> tuple[Any, Any]:
-    """(datamodule, stage module) as ``llamalab.run.train`` instantiates them; the stage's model
+    """(datamodule, stage module) as ``llamalab.runner.run.train`` instantiates them; the stage's model
     is our ``Llama`` of the composed architecture, random init (no ``init`` checkpoint)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from llamalab.run import architecture
+    from llamalab.runner.run import architecture
 
     datamodule = instantiate(cfg.data, tokenizer_path=tokenizer_path, _convert_="all")
     values = OmegaConf.to_container(cfg.stage, resolve=True)

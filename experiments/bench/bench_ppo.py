@@ -109,12 +109,13 @@ class BenchPPOStage(PPOStage):
 
 def stage_settings(size: str, args: argparse.Namespace) -> tuple[LlamaConfig, dict[str, Any]]:
     """(architecture, stage keyword arguments) from the composed real config, as
-    ``llamalab.run.train`` builds them (the input checkpoints left out: random init here)."""
+    ``llamalab.runner.run.train`` builds them (the input checkpoints left out: random init here)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from llamalab.run import architecture, register_resolvers
+    from llamalab.runner.paths import register_resolvers
+    from llamalab.runner.run import architecture
 
     overrides = [
         "stage=ppo",

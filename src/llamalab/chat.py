@@ -9,7 +9,6 @@ outgrows it, as a chat front-end must (Meta's `chat_completion` caps the total l
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,11 +17,12 @@ from typing import Any, TextIO
 
 import torch
 
+from llamalab import pipeline
 from llamalab.model import Llama
 from llamalab.model.kv_cache import KVCache
 from llamalab.tokenizer import DialogError, Message, Tokenizer
 
-DEFAULT_RUNS = ("sft", "pretrain")  # what `chat.py` loads without --model, in this order
+DEFAULT_RUNS = pipeline.CHAT_DEFAULT_RUNS  # what `chat.py` loads without --model, in this order
 
 
 class ChatError(ValueError):
@@ -43,8 +43,7 @@ class Sampling:
 def default_model_path(outputs_root: str | Path | None = None) -> Path:
     """`outputs/sft/latest`, else `outputs/pretrain/latest` (`$LLAMALAB_OUTPUTS` replaces
     `outputs`, like `paths.outputs_root`)."""
-    root = Path(outputs_root or os.environ.get("LLAMALAB_OUTPUTS", "outputs"))
-    tried = [root / run / "latest" for run in DEFAULT_RUNS]
+    tried = [Path(pipeline.latest(run, outputs_root)) for run in DEFAULT_RUNS]
     for path in tried:
         if path.exists():
             return path

@@ -59,6 +59,32 @@ def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
         raise CheckpointError(f"checkpoint {source}: " + "; ".join(problems))
 
 
+def check_state_shapes(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str
+) -> None:
+    """Every tensor of ``state`` the module also has must have the module's shape; names the
+    module lacks are errors. Missing names are left to the caller (PPO refills its frozen
+    models). Sharded placeholders (ZeRO-3's empty tensors, meta) are not compared."""
+    expected = module.state_dict()
+    problems = []
+    for name, tensor in state.items():
+        if name not in expected:
+            problems.append(f"unexpected tensor {name}")
+            continue
+        want = expected[name]
+        if want.numel() == 0 or want.is_meta or not hasattr(tensor, "shape"):
+            continue
+        if tuple(tensor.shape) != tuple(want.shape):
+            problems.append(
+                f"tensor {name} has shape {tuple(tensor.shape)}, model expects {tuple(want.shape)}"
+            )
+    if problems:
+        shown = "; ".join(problems[:6]) + (
+            f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else ""
+        )
+        raise CheckpointError(f"checkpoint {source}: {shown}")
+
+
 def load_state_into(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, assign: bool = False
 ) -> nn.Module:

@@ -21,11 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from llamalab.data.base import StageDataModule
 from llamalab.data.corpus import (
     builtin_corpus,
     builtin_corpus_key,
@@ -162,7 +162,7 @@ class ResumableDataLoader(DataLoader):
         del state_dict  # nothing to restore here: see PretrainDataModule.load_state_dict
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(StageDataModule):
     """Packed pretraining windows from the built-in corpus or the user's text.
 
     Args:

@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 
+from llamalab.data.base import StageDataModule
 from llamalab.tokenizer import Tokenizer
 
 
@@ -166,7 +166,7 @@ def _trainer_batches_this_epoch(trainer: Any) -> int | None:
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
 
-class ResumableDataModule(LightningDataModule):
+class ResumableDataModule(StageDataModule):
     """What the SFT, preference and prompt datamodules share: the tokenizer, the loaders over
     in-memory `train_data` / `val_data`, and the resumable training order.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llamalab import pipeline
 from llamalab.model.config import LlamaConfig
 from llamalab.scale.memory import (
     GIB,
@@ -48,7 +49,7 @@ from llamalab.scale.memory import (
 )
 from llamalab.scale.plan_report import ModelRow, Plan, format_gib
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "rejection_sampling")
+STAGES = tuple(pipeline.STAGES)
 
 # Cluster each size is planned for unless trainer.devices / trainer.num_nodes say otherwise:
 # (num_nodes, devices per node). 70B on 8 x 8 A100-80GB follows the paper's scale (PAPER.md, PPO).
@@ -82,48 +83,6 @@ class ModelSpec:
     input: str | None  # what the real run would load (None: random initialisation)
 
 
-# Inputs a stage loads by default: the previous stage's latest export (DESIGN.md, command line).
-# The critic starts from the helpfulness RM (peers' practice, PAPER.md "Common practice").
-DEFAULT_INPUTS: dict[str, dict[str, str | None]] = {
-    "pretrain": {"model": None},
-    "sft": {"model": "outputs/pretrain/latest/export"},
-    "reward": {"reward": "outputs/sft/latest/export"},
-    "ppo": {
-        "actor": "outputs/sft/latest/export",
-        "critic": "outputs/reward_helpful/latest/export",
-        "reference": "outputs/sft/latest/export",
-        "reward_helpful": "outputs/reward_helpful/latest/export",
-        "reward_safety": "outputs/reward_safety/latest/export",
-    },
-    "rejection_sampling": {
-        "policy": "outputs/sft/latest/export",
-        "reward_helpful": "outputs/reward_helpful/latest/export",
-        "reward_safety": "outputs/reward_safety/latest/export",
-    },
-}
-
-# (role, head, trainable) per stage. PPO (PAPER.md §3.2.3): the policy and its value model are
-# trained; the SFT reference (for the KL term) and both reward models are frozen. Rejection
-# sampling generates with the policy and fine-tunes it (the SFT step) on the best-scored samples.
-_STAGE_ROLES: dict[str, tuple[tuple[str, str, bool], ...]] = {
-    "pretrain": (("model", "lm", True),),
-    "sft": (("model", "lm", True),),
-    "reward": (("reward", "scalar", True),),
-    "ppo": (
-        ("actor", "lm", True),
-        ("critic", "scalar", True),
-        ("reference", "lm", False),
-        ("reward_helpful", "scalar", False),
-        ("reward_safety", "scalar", False),
-    ),
-    "rejection_sampling": (
-        ("policy", "lm", True),
-        ("reward_helpful", "scalar", False),
-        ("reward_safety", "scalar", False),
-    ),
-}
-
-
 @dataclass(frozen=True)
 class StageModels:
     """The models a stage holds at once, with the input each would load."""
@@ -133,16 +92,24 @@ class StageModels:
 
     @classmethod
     def for_stage(cls, stage: str, inputs: dict[str, str] | None = None) -> StageModels:
-        """The stage's models; ``inputs`` (role -> path) override DEFAULT_INPUTS by role."""
-        if stage not in _STAGE_ROLES:
+        """The stage's models (:mod:`llamalab.pipeline`); ``inputs`` (role -> path) override by
+        role the defaults (the producing run's ``latest`` under ``$LLAMALAB_OUTPUTS`` or
+        ``outputs``)."""
+        spec = pipeline.stage(stage)
+        if spec is None:
             raise PlanError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
         given = dict(inputs or {})
-        unknown = sorted(set(given) - {role for role, _, _ in _STAGE_ROLES[stage]})
+        unknown = sorted(set(given) - {m.role for m in spec.models})
         if unknown:
             raise PlanError(f"stage {stage!r} has no model(s) {unknown}; inputs name roles")
         models = tuple(
-            ModelSpec(role, head, trainable, given.get(role, DEFAULT_INPUTS[stage][role]))
-            for role, head, trainable in _STAGE_ROLES[stage]
+            ModelSpec(
+                m.role,
+                m.head,
+                m.trainable,
+                given.get(m.role, pipeline.default_input(stage, m.input) if m.input else None),
+            )
+            for m in spec.models
         )
         return cls(stage, models)
 

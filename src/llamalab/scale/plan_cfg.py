@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
+from llamalab import pipeline
 from llamalab.model import LlamaConfig
 from llamalab.scale.plan import Plan, PlanError, make_plan
 
@@ -38,31 +40,31 @@ def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str])
         gpu_memory_gb=float(cfg.plan.get("gpu_memory_gb", 80)),
         rollout_batch=rollout_batch,
         rollout_len=seq_len,
-        inputs=plan_roles(stage.name, inputs),
+        inputs=plan_roles(stage.name, inputs, cfg.paths.outputs_root),
         model_name=str(cfg.model.name),
     )
 
 
-def plan_roles(stage: str, inputs: dict[str, str]) -> dict[str, str]:
-    """Stage config keys -> the planner's model roles (PPO's ``init`` is actor and reference)."""
+def plan_roles(
+    stage: str, inputs: dict[str, str], outputs_root: str | None = None
+) -> dict[str, str]:
+    """Stage config keys -> the planner's model roles (:mod:`llamalab.pipeline`: PPO's ``init``
+    is actor and reference); an input not set loads its default under ``outputs_root``."""
+    spec = pipeline.stage(stage)
+    if spec is None:
+        return dict(inputs)  # make_plan names the unknown stage
     roles: dict[str, str] = {}
-    for key, path in inputs.items():
-        if key == "init":
-            main_role = {"ppo": "actor", "rejection_sampling": "policy", "reward": "reward"}
-            roles[main_role.get(stage, "model")] = path
-            if stage == "ppo":
-                roles["reference"] = path
-        elif key == "critic_init":
-            roles["critic"] = path
-        else:
-            roles[key] = path
+    for model in spec.models:
+        if model.input is None:
+            continue
+        path = inputs.get(model.input) or pipeline.default_input(stage, model.input, outputs_root)
+        if path is not None:
+            roles[model.role] = path
     return roles
 
 
 def machine_memory_bytes() -> tuple[str, int]:
     """('gpu', bytes of device 0) on CUDA, else ('cpu', physical RAM)."""
-    import torch
-
     if torch.cuda.is_available():
         return "gpu", torch.cuda.get_device_properties(0).total_memory
     return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

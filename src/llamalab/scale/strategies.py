@@ -1,4 +1,4 @@
-"""Lightning strategies from the `strategy=` config group, and the export at the end of a run.
+"""Lightning strategies from the `strategy=` config group.
 
 ``auto`` and ``ddp`` are Lightning's; ``fsdp`` is Lightning's ``ModelParallelStrategy`` (FSDP2,
 applied by the stages in ``configure_model``, :mod:`llamalab.scale.build`); the ``deepspeed_*``
@@ -8,7 +8,6 @@ config written in the YAML. All of them run on CPU processes (gloo) as well as o
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -38,24 +37,3 @@ def build_strategy(strategy_cfg: DictConfig, cfg: DictConfig | None = None) -> A
         tp = kwargs.get("tensor_parallel_size", 1)
         kwargs["data_parallel_size"] = world_size(cfg) // (tp if isinstance(tp, int) else 1)
     return instantiate(kwargs, _convert_="all")
-
-
-def export_from_trainer(trainer: Any, module: Any, path: Path) -> Path | None:
-    """Write the Hugging Face export from rank 0 (every rank must call this).
-
-    Under ZeRO-3 / FSDP the weights are consolidated first, one unit at a time, with every rank
-    taking part in each gather and only rank 0 keeping the result
-    (:func:`llamalab.scale.zero_gen.consolidated`).
-    """
-    from llamalab.scale.build import sharding_mode
-    from llamalab.scale.zero_gen import consolidated, settle_zero3
-
-    mode = sharding_mode(trainer.strategy)
-    settle_zero3(trainer.strategy)
-    model = module.export_model()
-    model = getattr(model, "_orig_mod", model)
-    with consolidated(model, mode, rank0_only=True) as full:
-        if trainer.is_global_zero:
-            module.export(path, model=full)
-    trainer.strategy.barrier("llamalab-export")
-    return path if trainer.is_global_zero else None

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from llamalab.checkpoint.io import check_state_shapes
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
 from llamalab.optim import build_adamw, param_groups, warmup_cosine_scheduler
 
@@ -42,6 +43,9 @@ class LlamaStage(L.LightningModule):
     """
 
     head = "lm"
+    # The W&B callback logs greedy continuations of validation windows as `val/samples` for
+    # stages that set this (pretraining); the others publish their own sample tables.
+    continuation_samples = False
 
     def __init__(
         self,
@@ -77,6 +81,11 @@ class LlamaStage(L.LightningModule):
         self._step_t0: float | None = None
         self._peak_flops: float | None = None
         self.tokens_seen = 0
+
+    def trainer_overrides(self, trainer_cfg: Any) -> dict[str, Any]:
+        """Trainer settings this stage needs on top of ``trainer=`` (the runner applies them
+        last); none by default (PPO: ``max_steps`` from its iterations, its evaluation)."""
+        return {}
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
@@ -261,8 +270,6 @@ class LlamaStage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" in checkpoint:  # another architecture: name the tensor and both shapes
-            from llamalab.reliability import check_state_shapes
-
             source = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
             check_state_shapes(self, checkpoint["state_dict"], str(source or "being resumed"))
         meta = checkpoint.get("llamalab", {})

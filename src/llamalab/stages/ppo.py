@@ -21,6 +21,7 @@ from torch import nn
 
 from llamalab.model import Llama, LlamaScalar
 from llamalab.optim import build_adamw, param_groups
+from llamalab.pipeline import STAGES
 from llamalab.rlhf import (
     AdaptiveKLController,
     FixedKLController,
@@ -53,7 +54,7 @@ from llamalab.stages.rollout import (
     score_rollout,
 )
 
-FROZEN = ("reference", "rm_helpful", "rm_safety")  # submodules left out of checkpoints
+FROZEN = STAGES["ppo"].frozen_attributes  # submodules left out of checkpoints
 
 
 @dataclass
@@ -242,7 +243,7 @@ class PPOStage(LlamaStage):
         )
 
     def trainer_overrides(self, trainer_cfg: Any) -> dict[str, Any]:
-        """Trainer settings the PPO loop needs (called by ``llamalab.run.train``).
+        """Trainer settings the PPO loop needs (called by ``llamalab.runner.run.train``).
 
         ``max_steps`` counts optimizer steps, so ``iterations * steps_per_iteration`` unless the
         user set it; epochs are unbounded (the prompt set is cycled); held-out evaluation every

@@ -71,6 +71,8 @@ class LanguageModelStage(LlamaStage):
 class PretrainStage(LanguageModelStage):
     """Pretraining: the model starts from random weights (or ``init``) and learns the corpus."""
 
+    continuation_samples = True  # W&B `val/samples`: continuations of validation windows
+
     def __init__(self, *args: Any, batch_tokens: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batch_tokens = batch_tokens

@@ -1,19 +1,20 @@
-"""Surviving long runs: crash-safe checkpoint files, finding the checkpoint to resume from,
-refusing one that does not belong to this run, and ending a preempted run cleanly.
+"""The runner's checkpoint I/O: crash-safe checkpoint files, finding the checkpoint to resume
+from, refusing one that does not belong to this run, and the Hugging Face export every stage
+ends with.
 
 A run may be killed at any instant (SIGKILL, OOM killer, node failure). What it has written must
 survive that: every checkpoint file is written under a temporary name in the same folder,
 flushed to disk and renamed into place (``os.replace`` is atomic on POSIX), so a kill mid-write
 leaves the previous file intact and only a ``*.tmp-<pid>`` partial behind, which the next launch
-removes. The callbacks that save on SIGTERM/SIGUSR1 and carry RNG states live in
-:mod:`llamalab.callbacks`; the failure-mode table is ``docs/reliability.md``.
+removes. The callbacks that save on SIGTERM/SIGUSR1 and carry RNG states, and the fit that ends
+a preempted run, live in :mod:`llamalab.runner.callbacks`; the failure-mode table is
+``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 import zipfile
 from collections.abc import Callable
@@ -22,9 +23,12 @@ from typing import IO, Any, cast
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
 from llamalab.checkpoint import CheckpointError
 from llamalab.model import LlamaConfig
+from llamalab.scale.build import sharding_mode
+from llamalab.scale.zero_gen import consolidated, settle_zero3
 
 log = logging.getLogger("llamalab")
 
@@ -119,8 +123,6 @@ def checkpoint_plugins(strategy: Any) -> list[Any]:
     """``[AtomicCheckpointIO()]`` for strategies that save one file through Lightning's
     checkpoint IO (``auto``, single device, DDP); ``[]`` for DeepSpeed / FSDP / model-parallel,
     which write sharded directories themselves (docs/reliability.md: their crash safety)."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-
     if isinstance(strategy, str):
         return [AtomicCheckpointIO()] if strategy in ("auto", "ddp", "single_device") else []
     if isinstance(strategy, DeepSpeedStrategy):
@@ -263,55 +265,20 @@ def check_resume_checkpoint(path: str | os.PathLike[str], arch: LlamaConfig, sta
         )
 
 
-def check_state_shapes(
-    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str
-) -> None:
-    """Every tensor of ``state`` the module also has must have the module's shape; names the
-    module lacks are errors. Missing names are left to the caller (PPO refills its frozen
-    models). Sharded placeholders (ZeRO-3's empty tensors, meta) are not compared."""
-    expected = module.state_dict()
-    problems = []
-    for name, tensor in state.items():
-        if name not in expected:
-            problems.append(f"unexpected tensor {name}")
-            continue
-        want = expected[name]
-        if want.numel() == 0 or want.is_meta or not hasattr(tensor, "shape"):
-            continue
-        if tuple(tensor.shape) != tuple(want.shape):
-            problems.append(
-                f"tensor {name} has shape {tuple(tensor.shape)}, model expects {tuple(want.shape)}"
-            )
-    if problems:
-        shown = "; ".join(problems[:6]) + (
-            f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else ""
-        )
-        raise CheckpointError(f"checkpoint {source}: {shown}")
+# ---------------------------------------------------------------------------- the export
+def export_from_trainer(trainer: Any, module: Any, path: Path) -> Path | None:
+    """Write the Hugging Face export from rank 0 (every rank must call this).
 
-
-# ---------------------------------------------------------------------------- preemption exit
-class Preempted(SystemExit):
-    """The run stopped on a preemption signal after saving its checkpoint; the process exits
-    with ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), like a process the signal killed,
-    so launch scripts and schedulers see that it did not finish."""
-
-    def __init__(self, signum: int, saved: str | None) -> None:
-        super().__init__(128 + int(signum))
-        self.signum, self.saved = int(signum), saved
-
-
-def fit(trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None) -> None:
-    """``trainer.fit``; raises :class:`Preempted` when a preemption signal stopped it (after
-    :class:`llamalab.callbacks.PreemptionCheckpoint` saved ``checkpoints/last.ckpt``)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from llamalab.callbacks import PreemptionCheckpoint
-
-    callback = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:  # Lightning stopped before our callback could (see its docstring)
-        saved = callback.saved_path if callback is not None else None
-        raise Preempted(signal.SIGTERM, saved) from None
-    if callback is not None and callback.signum is not None:
-        raise Preempted(callback.signum, callback.saved_path)
+    Under ZeRO-3 / FSDP the weights are consolidated first, one unit at a time, with every rank
+    taking part in each gather and only rank 0 keeping the result
+    (:func:`llamalab.scale.zero_gen.consolidated`).
+    """
+    mode = sharding_mode(trainer.strategy)
+    settle_zero3(trainer.strategy)
+    model = module.export_model()
+    model = getattr(model, "_orig_mod", model)
+    with consolidated(model, mode, rank0_only=True) as full:
+        if trainer.is_global_zero:
+            module.export(path, model=full)
+    trainer.strategy.barrier("llamalab-export")
+    return path if trainer.is_global_zero else None

@@ -2,27 +2,48 @@
 
 The order is the contract: everything that can be wrong with the config, the data, the inputs
 or the memory plan is found before any model is built; a run that cannot fit stops with its plan.
+Which inputs a stage needs, and what produces them, is :mod:`llamalab.pipeline`'s.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
+from rich import print as rprint
+from rich.syntax import Syntax
+from rich.tree import Tree
 
+from llamalab import pipeline
+from llamalab.checkpoint import load_model
+from llamalab.data.base import StageDataModule
 from llamalab.model import LlamaConfig
 from llamalab.model.config import ConfigError
+from llamalab.pipeline import MissingInputError
+from llamalab.runner.callbacks import default_callbacks, fit
+from llamalab.runner.checkpoints import (
+    check_resume_checkpoint,
+    checkpoint_plugins,
+    export_from_trainer,
+    resolve_ckpt_path,
+)
+from llamalab.runner.paths import export_dir, link_latest, output_dir, resolve_export_dir
+from llamalab.runner.tracking import finish_previous_run, wandb_kwargs
+from llamalab.scale.plan import Plan
+from llamalab.scale.plan_cfg import check_machine, plan_from_config
+from llamalab.scale.strategies import build_strategy, world_size
+from llamalab.stages.base import LlamaStage
 
 log = logging.getLogger("llamalab")
 
-_STARTED = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 ARCH_KEYS = (
     "dim",
     "n_layers",
@@ -36,49 +57,9 @@ ARCH_KEYS = (
     "rope_theta",
     "max_seq_len",
 )
-# Inputs each stage loads, and the command that produces each default.
-STAGE_INPUTS = {
-    "pretrain": {},
-    "sft": {"init": "python src/train.py  (pretraining)"},
-    "reward": {"init": "python src/train.py stage=sft"},
-    "ppo": {
-        "init": "python src/train.py stage=sft",
-        "critic_init": "python src/train.py stage=reward rm=helpful",
-        "reward_helpful": "python src/train.py stage=reward rm=helpful",
-        "reward_safety": "python src/train.py stage=reward rm=safety",
-    },
-    "rejection_sampling": {
-        "init": "python src/train.py stage=sft",
-        "reward_helpful": "python src/train.py stage=reward rm=helpful",
-        "reward_safety": "python src/train.py stage=reward rm=safety",
-    },
-}
 
 
-class MissingInputError(FileNotFoundError):
-    """A stage started without the output of the stage it builds on."""
-
-
-# ---------------------------------------------------------------------------- Hydra plumbing
-def _run_dir(output_dir: Any, outputs_root: str, run_name: str) -> str:
-    """``paths.output_dir`` when given, else ``outputs/<stage>/<timestamp>``."""
-    if output_dir not in (None, "", "None", "null"):
-        return str(output_dir)
-    return f"{outputs_root}/{run_name}/{_STARTED}"
-
-
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("run_dir", _run_dir, replace=True)
-
-
-def output_dir() -> Path:
-    """This run's directory (Hydra's run directory, shared by every DDP rank)."""
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:  # no Hydra (a test calling train() with a composed config)
-        return Path(os.getcwd())
-
-
+# ---------------------------------------------------------------------------- the config
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
@@ -87,10 +68,6 @@ def print_config(cfg: DictConfig) -> None:
     """The composed config as a rich tree (rank 0 only)."""
     if not is_rank_zero():
         return
-    from rich import print as rprint
-    from rich.syntax import Syntax
-    from rich.tree import Tree
-
     tree = Tree("config", guide_style="dim")
     for key, value in cfg.items():
         branch = tree.add(str(key), style="bold")
@@ -108,51 +85,42 @@ def architecture(cfg: DictConfig) -> LlamaConfig:
     return LlamaConfig.from_dict(values)
 
 
-def resolve_export_dir(path: str | Path) -> Path:
-    """A run directory (or its ``latest`` link) -> its ``export/``; other paths unchanged."""
-    p = Path(path)
-    if (p / "export" / "config.json").exists():
-        return p / "export"
-    return p
-
-
 def stage_inputs(cfg: DictConfig) -> dict[str, str]:
-    """Role -> path of every checkpoint the stage would load (for the plan and the checks)."""
+    """Config key -> path of every checkpoint the stage would load (for the plan and the checks)."""
     out = {}
-    for role in STAGE_INPUTS.get(cfg.stage.name, {}):
-        value = cfg.stage.get(role)
+    for item in pipeline.inputs_of(cfg.stage.name):
+        value = cfg.stage.get(item.key)
         if value:
-            out[role] = str(value)
-    if cfg.stage.name == "pretrain" and cfg.stage.get("init"):
-        out["init"] = str(cfg.stage.init)
+            out[item.key] = str(value)
     return out
 
 
 def check_inputs(cfg: DictConfig) -> dict[str, Path]:
     """Every input must exist; the message names it and the command that produces it."""
     found, missing = {}, []
-    hints = STAGE_INPUTS.get(cfg.stage.name, {})
+    declared = {item.key: item for item in pipeline.inputs_of(cfg.stage.name)}
+    hints = {key: pipeline.input_command(cfg.stage.name, key) or "" for key in declared}
     inputs = stage_inputs(cfg)
-    for role in hints:  # a required input set to null is as missing as a wrong path
-        if role not in inputs:
+    for key, item in declared.items():  # a required input set to null is as missing as a wrong path
+        if item.required and key not in inputs:
             missing.append(
-                f"  stage.{role} is not set: produce it with `{hints[role]}` or point "
-                f"stage.{role} at a checkpoint"
+                f"  stage.{key} is not set: produce it with `{hints[key]}` or point "
+                f"stage.{key} at a checkpoint"
             )
-    for role, path in inputs.items():
+    for key, path in inputs.items():
         p = Path(path)
         if not p.exists():
-            hint = hints.get(role, "")
+            hint = hints.get(key, "")
             missing.append(
-                f"  stage.{role}={path} does not exist"
+                f"  stage.{key}={path} does not exist"
                 + (
-                    f": produce it with `{hint}` or point stage.{role} at a checkpoint"
+                    f": produce it with `{hint}` or point stage.{key} at a checkpoint"
                     if hint
                     else ""
                 )
             )
         else:
-            found[role] = resolve_export_dir(p)
+            found[key] = resolve_export_dir(p)
     if missing:
         raise MissingInputError(
             f"stage={cfg.stage.name} cannot start, inputs missing:\n" + "\n".join(missing)
@@ -162,18 +130,12 @@ def check_inputs(cfg: DictConfig) -> dict[str, Path]:
 
 def checkpoint_architecture(path: Path) -> LlamaConfig:
     """The architecture stored with a checkpoint, read without loading its weights."""
-    import json
-
-    import torch
-
     if (path / "config.json").exists():
         return LlamaConfig.from_hf_config(json.loads((path / "config.json").read_text()))
     if path.is_file() and path.suffix == ".ckpt":
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         if "llamalab" in ckpt:
             return LlamaConfig.from_dict(ckpt["llamalab"]["model_config"])
-    from llamalab.checkpoint import load_model
-
     return load_model(path).config
 
 
@@ -201,8 +163,6 @@ def check_vocab(arch: LlamaConfig, vocab_size: int, tokenizer_path: str) -> None
 def resume_checkpoint(cfg: DictConfig, out: Path, arch: LlamaConfig) -> str | None:
     """``ckpt_path`` (a file, ``last``, ``auto`` or null) -> the checkpoint to resume, refused
     now if it is missing, torn, or of another stage / architecture (docs/reliability.md)."""
-    from llamalab.reliability import check_resume_checkpoint, resolve_ckpt_path
-
     path = resolve_ckpt_path(cfg.get("ckpt_path"), out)
     if path is not None:
         check_resume_checkpoint(path, arch, cfg.stage.name)
@@ -211,8 +171,6 @@ def resume_checkpoint(cfg: DictConfig, out: Path, arch: LlamaConfig) -> str | No
 
 # ---------------------------------------------------------------------------- building
 def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger
-
     loggers: list[Any] = [CSVLogger(save_dir=str(out), name="csv", version="")]
     for name, lg_cfg in (cfg.get("logger") or {}).items():
         if lg_cfg is None or "_target_" not in lg_cfg:
@@ -220,8 +178,6 @@ def build_loggers(cfg: DictConfig, out: Path) -> list[Any]:
         values = OmegaConf.to_container(lg_cfg, resolve=True)
         assert isinstance(values, dict)
         if name == "wandb":
-            from llamalab.tracking import wandb_kwargs
-
             values.update(wandb_kwargs(cfg, lg_cfg))  # mode, full config, sweep group
         loggers.append(instantiate(values, _convert_="all"))
     return loggers
@@ -232,16 +188,8 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
     for cb_cfg in (cfg.get("callbacks") or {}).values():
         if cb_cfg is not None and "_target_" in cb_cfg:
             callbacks.append(instantiate(cb_cfg))
-    from llamalab.callbacks import default_callbacks
-
     callbacks.extend(default_callbacks(cfg))
     return callbacks
-
-
-def build_strategy(cfg: DictConfig) -> Any:
-    from llamalab.scale.strategies import build_strategy as _build
-
-    return _build(cfg.strategy, cfg)
 
 
 def accumulation(cfg: DictConfig, world: int) -> int:
@@ -252,11 +200,18 @@ def accumulation(cfg: DictConfig, world: int) -> int:
     micro = data.get("batch_size", 1) * world
     if stage.get("batch_tokens"):
         target = stage.batch_tokens / (micro * data.seq_len)
-    elif stage.get("batch_size") and stage.name != "ppo":
+    elif stage.get("batch_size") and _lightning_accumulates(stage.name):
         target = stage.batch_size / micro
     else:
         return 1
     return max(1, round(target))
+
+
+def _lightning_accumulates(stage_name: str) -> bool:
+    """Whether the stage's ``batch_size`` is reached by Lightning's accumulation (a stage the
+    pipeline does not declare: yes)."""
+    spec = pipeline.stage(stage_name)
+    return spec.lightning_accumulates if spec is not None else True
 
 
 def validation_schedule(trainer_cfg: DictConfig, accumulate: int) -> dict[str, Any]:
@@ -293,16 +248,8 @@ def validation_schedule(trainer_cfg: DictConfig, accumulate: int) -> dict[str, A
     return {"val_check_interval": int(interval) * accumulate, "check_val_every_n_epoch": None}
 
 
-def world_size(cfg: DictConfig) -> int:
-    devices = cfg.trainer.get("devices", 1)
-    n = devices if isinstance(devices, int) and devices > 0 else 1
-    return n * int(cfg.trainer.get("num_nodes", 1) or 1)
-
-
 # ---------------------------------------------------------------------------- the run
-def plan_for(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str]) -> Any:
-    from llamalab.scale.plan_cfg import plan_from_config
-
+def plan_for(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str]) -> Plan:
     return plan_from_config(cfg, arch, inputs)
 
 
@@ -326,15 +273,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         arch = checkpoint_architecture(init)  # a checkpoint fixes its own architecture
     ckpt_path = resume_checkpoint(cfg, out, arch)
     if cfg.plan.get("check", True):
-        from llamalab.scale.plan_cfg import check_machine
-
         check_machine(plan_for(cfg, arch, inputs), cfg)
 
     tokenizer_path = tokenizer_for(cfg, resolved)
     datamodule = instantiate(cfg.data, tokenizer_path=tokenizer_path, _convert_="all")
+    _check_protocol("data", datamodule, StageDataModule)
     # PretrainDataModule can build the built-in tokenizer; the others take the one of `init`.
-    load = getattr(datamodule, "load_tokenizer", None)
-    tokenizer = load() if load is not None else datamodule.tokenizer
+    tokenizer = datamodule.load_tokenizer()
     check_vocab(arch, tokenizer.vocab_size, str(tokenizer.model_path))
 
     stage_values = OmegaConf.to_container(cfg.stage, resolve=True)
@@ -352,12 +297,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         **stage_kwargs,
         _convert_="all",
     )  # cheap (the model is built in configure_model): bad stage settings stop here
-    if hasattr(datamodule, "validate"):
-        datamodule.validate()  # bad data stops here, before the model is built
+    _check_protocol("stage", module, LlamaStage)
+    datamodule.validate()  # bad data stops here, before the model is built
 
-    from llamalab.reliability import checkpoint_plugins, fit
-
-    strategy = build_strategy(cfg)
+    strategy = build_strategy(cfg.strategy, cfg)
     accumulate = accumulation(cfg, world_size(cfg))
     trainer_overrides: dict[str, Any] = {
         "logger": build_loggers(cfg, out),
@@ -371,8 +314,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer_overrides["max_epochs"] = int(cfg.stage.get("epochs", 1))
     if not module.automatic_optimization:
         trainer_overrides.update(gradient_clip_val=None, accumulate_grad_batches=1)
-    if hasattr(module, "trainer_overrides"):  # e.g. PPO: max_steps from its iterations
-        trainer_overrides.update(module.trainer_overrides(cfg.trainer))
+    trainer_overrides.update(module.trainer_overrides(cfg.trainer))  # PPO: max_steps, eval
     trainer = instantiate(cfg.trainer, **trainer_overrides, _convert_="all")
 
     fit(trainer, module, datamodule, ckpt_path)  # a preempted run exits here, checkpoint saved
@@ -382,29 +324,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
 
-    from llamalab.scale.strategies import export_from_trainer
-
-    export_dir = export_from_trainer(trainer, module, out / "export")
-    from llamalab.tracking import finish_previous_run
-
+    exported = export_from_trainer(trainer, module, export_dir(out))
     finish_previous_run()  # flush and close the W&B run now, not in an exit hook
     if trainer.is_global_zero:
         link_latest(cfg, out)
-        log.info("run finished: %s (export: %s)", out, export_dir)
+        log.info("run finished: %s (export: %s)", out, exported)
     return metrics
 
 
-def link_latest(cfg: DictConfig, out: Path) -> None:
-    """Point ``outputs/<stage>/latest`` at this run (a relative symlink, replaced atomically)."""
-    root = Path(cfg.paths.outputs_root).resolve()
-    out = out.resolve()
-    if root not in out.parents:
-        return  # runs put elsewhere with paths.output_dir do not move `latest`
-    stage_root = root / cfg.stage.run_name
-    stage_root.mkdir(parents=True, exist_ok=True)
-    link = stage_root / "latest"
-    tmp = stage_root / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(os.path.relpath(out, stage_root))
-    os.replace(tmp, link)
+def _check_protocol(group: str, obj: Any, base: type) -> None:
+    """The runner calls only what ``base`` declares: a ``_target_`` outside it stops here."""
+    if not isinstance(obj, base):
+        raise ConfigError(
+            f"{group}._target_ builds {type(obj).__module__}.{type(obj).__name__}, which is not a "
+            f"{base.__module__}.{base.__name__} (the methods the runner calls)"
+        )

@@ -15,13 +15,21 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
+
+from llamalab.data.pretrain import PretrainDataModule
+from llamalab.generation import generate
+from llamalab.stages.base import LlamaStage
 
 # The x-axis of every step metric: tokens are what a token budget and throughput are measured in.
 TOKENS_AXIS = "train/tokens_seen"
@@ -98,11 +106,8 @@ def run_tags(cfg: DictConfig, logger_cfg: DictConfig | None = None) -> list[str]
 def sweep_group(cfg: DictConfig) -> str | None:
     """In a Hydra multirun every job of the sweep shares one W&B group (the sweep directory)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
-    except (ImportError, ValueError):
+    except ValueError:  # no Hydra (a test or script with a composed config)
         return None
     if hc.mode != RunMode.MULTIRUN:
         return None
@@ -116,8 +121,6 @@ def finish_previous_run() -> None:
     Lightning never calls ``wandb.finish()``: without this every job would log into the first
     job's run (``WandbLogger`` reuses ``wandb.run`` when one is open).
     """
-    import sys
-
     wandb = sys.modules.get("wandb")  # not imported yet = no run can be open
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish()
@@ -126,8 +129,6 @@ def finish_previous_run() -> None:
 def wandb_loggers(trainer: L.Trainer) -> list[Any]:
     """The trainer's W&B loggers, on every rank (on ranks other than 0 Lightning gives them a
     dummy ``experiment``: use :func:`wandb_runs` to touch the run itself)."""
-    from lightning.pytorch.loggers import WandbLogger
-
     return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
 
 
@@ -177,10 +178,9 @@ class WandbTracking(L.Callback):
         self.define_metrics(trainer, trainer.callback_metrics)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tokens = getattr(pl_module, "tokens_seen", None)
-        if tokens is not None and not trainer.sanity_checking:
+        if isinstance(pl_module, LlamaStage) and not trainer.sanity_checking:
             # In the validation row too, so val curves (W&B and CSV) have their x value.
-            pl_module.log(TOKENS_AXIS, float(tokens), on_step=False, on_epoch=True)
+            pl_module.log(TOKENS_AXIS, float(pl_module.tokens_seen), on_step=False, on_epoch=True)
         if wandb_loggers(trainer) and not trainer.sanity_checking:
             # Every rank generates (under ZeRO-3 / FSDP each forward is collective); only rank 0
             # writes the table.
@@ -218,25 +218,23 @@ class WandbTracking(L.Callback):
 def pretrain_samples(
     trainer: L.Trainer, pl_module: L.LightningModule, n: int, prompt_tokens: int, new_tokens: int
 ) -> list[list[Any]]:
-    """Rows ``[step, tokens_seen, prompt, continuation]``; empty for stages other than
-    pretraining (SFT, reward and PPO publish their own samples) or without validation data."""
-    if n <= 0 or getattr(pl_module, "stage_name", None) != "pretrain":
+    """Rows ``[step, tokens_seen, prompt, continuation]``; empty for stages that publish their
+    own samples (``continuation_samples`` unset: SFT, reward, PPO) or without validation
+    windows."""
+    if n <= 0 or not isinstance(pl_module, LlamaStage) or not pl_module.continuation_samples:
         return []
-    datamodule = getattr(trainer, "datamodule", None)
-    val_set = getattr(datamodule, "val_set", None)
-    tokenizer = getattr(datamodule, "tokenizer", None)
-    model = getattr(pl_module, "model", None)
+    datamodule = getattr(trainer, "datamodule", None)  # None: fit on plain dataloaders
+    if not isinstance(datamodule, PretrainDataModule):
+        return []
+    val_set, tokenizer, model = datamodule.val_set, datamodule.tokenizer, pl_module.model
     if val_set is None or tokenizer is None or model is None or len(val_set) == 0:
         return []
-    from llamalab.generation import generate
-
     prompts = [
         val_set[i]["input_ids"][:prompt_tokens].tolist() for i in range(min(n, len(val_set)))
     ]
-    out = generate(
-        getattr(model, "_orig_mod", model), prompts, new_tokens, temperature=0.0, top_p=None
-    )
-    step, seen = trainer.global_step, int(getattr(pl_module, "tokens_seen", 0))
+    llama: Any = getattr(model, "_orig_mod", model)  # torch.compile's wrapper, if any
+    out = generate(llama, prompts, new_tokens, temperature=0.0, top_p=None)
+    step, seen = trainer.global_step, int(pl_module.tokens_seen)
     return [
         [step, seen, tokenizer.decode(p), tokenizer.decode(t)] for p, t in zip(prompts, out.tokens)
     ]
@@ -277,7 +275,7 @@ class OfflineRun:
 
 def wandb_records(path: str | Path) -> Iterator[Any]:
     """The protobuf records of a ``.wandb`` file, in write order."""
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # optional: wandb, only to read runs back
 
     data = Path(path).read_bytes()
     if not data.startswith(_FILE_HEADER):

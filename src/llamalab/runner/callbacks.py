@@ -1,5 +1,6 @@
 """Callbacks every run gets, whatever ``callbacks=`` says: W&B tracking, a checkpoint on
-preemption, and the RNG states carried in every checkpoint (exact resume)."""
+preemption, and the RNG states carried in every checkpoint (exact resume); and :func:`fit`,
+which ends a preempted run with ``128 + signal`` once its checkpoint is saved."""
 
 from __future__ import annotations
 
@@ -14,8 +15,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
+
+from llamalab.runner.paths import output_dir
+from llamalab.runner.tracking import tracking_callbacks
 
 log = logging.getLogger("llamalab")
 
@@ -27,9 +33,6 @@ PREEMPT_AT_STEP_ENV = "LLAMALAB_PREEMPT_AT_STEP"
 def default_callbacks(cfg: DictConfig) -> list[Any]:
     """W&B tracking (when W&B is configured), :class:`PreemptionCheckpoint` into
     ``<run dir>/checkpoints`` and :class:`RNGStateCheckpoint`."""
-    from llamalab.run import output_dir
-    from llamalab.tracking import tracking_callbacks
-
     return [
         *tracking_callbacks(cfg),
         PreemptionCheckpoint(output_dir() / "checkpoints"),
@@ -52,8 +55,6 @@ def _accumulating(trainer: L.Trainer) -> bool:
 
 def _slurm_requeue(trainer: L.Trainer) -> bool:
     """Lightning handles SIGUSR1 itself on SLURM with auto-requeue (hpc checkpoint + requeue)."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
     env = trainer._accelerator_connector.cluster_environment
     return isinstance(env, SLURMEnvironment) and bool(env.auto_requeue)
 
@@ -61,7 +62,7 @@ def _slurm_requeue(trainer: L.Trainer) -> bool:
 class PreemptionCheckpoint(Callback):
     """On SIGTERM or SIGUSR1: finish the current step, save ``<dirpath>/last.ckpt`` through the
     trainer (weights, optimizer, schedule, loops, data position, RNG states, stage state), and
-    stop. :func:`llamalab.reliability.fit` then exits with ``128 + signal``; the next launch
+    stop. :func:`fit` then exits with ``128 + signal``; the next launch
     with the same ``paths.output_dir`` and ``ckpt_path=last`` (or ``auto``) continues.
 
     - The save waits for an optimizer-step boundary: mid gradient accumulation, the gradients
@@ -139,8 +140,6 @@ class PreemptionCheckpoint(Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or self.saved_path is not None:
             return
@@ -182,6 +181,30 @@ class PreemptionCheckpoint(Callback):
                 "ckpt_path=last paths.output_dir=%s",
                 name, trainer.global_step, path, self.dirpath.parent,
             )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- the fit
+class Preempted(SystemExit):
+    """The run stopped on a preemption signal after saving its checkpoint; the process exits
+    with ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), like a process the signal killed,
+    so launch scripts and schedulers see that it did not finish."""
+
+    def __init__(self, signum: int, saved: str | None) -> None:
+        super().__init__(128 + int(signum))
+        self.signum, self.saved = int(signum), saved
+
+
+def fit(trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None) -> None:
+    """``trainer.fit``; raises :class:`Preempted` when a preemption signal stopped it (after
+    :class:`PreemptionCheckpoint` saved ``checkpoints/last.ckpt``)."""
+    callback = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning stopped before our callback could (see its docstring)
+        saved = callback.saved_path if callback is not None else None
+        raise Preempted(signal.SIGTERM, saved) from None
+    if callback is not None and callback.signum is not None:
+        raise Preempted(callback.signum, callback.saved_path)
 
 
 # ---------------------------------------------------------------------------- RNG states
