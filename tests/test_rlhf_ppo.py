@@ -366,3 +366,41 @@ def test_entropy_from_logits() -> None:
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf]]])
     # uniform over 4 -> ln 4; all mass on one token -> 0 (no NaN from 0 * -inf)
     torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[math.log(4.0), 0.0]]))
+
+
+# ---------------------------------------------------------------- one reward path (issue #14)
+def _inline_stage_reward(
+    helpful_raw: torch.Tensor,
+    safety_raw: torch.Tensor,
+    is_safety: torch.Tensor,
+    moments: RunningMoments | None,
+    threshold: float,
+) -> torch.Tensor:
+    """The sequence score PPOStage.make_experience assembled inline before issue #14 (kept here,
+    verbatim, as the reference the tested ``paper_reward`` had to equal before it replaced it)."""
+    rc, _ = combined_reward(helpful_raw, safety_raw, is_safety, threshold)
+    raw = logit(rc)
+    if moments is not None:
+        moments.update(raw)
+        return moments.whiten(raw)
+    return whiten(raw)
+
+
+@pytest.mark.parametrize("running", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paper_reward_equals_the_stage_inline_reward_bit_for_bit(running: bool, seed: int) -> None:
+    """Random raw scores (some saturated, some below the safety threshold), several batches so
+    the running moments carry state: paper_reward gives the very bits the inline code gave."""
+    gen = torch.Generator().manual_seed(seed)
+    ours = RunningMoments() if running else None
+    theirs = RunningMoments() if running else None
+    for batch in (16, 5, 1, 33):
+        helpful = torch.randn(batch, generator=gen) * 6
+        safety = torch.randn(batch, generator=gen) * 6
+        helpful[0] = 40.0  # sigmoid saturates: the clamp in logit decides
+        is_safety = torch.rand(batch, generator=gen) < 0.3
+        expected = _inline_stage_reward(helpful, safety, is_safety, theirs, 0.15)
+        got = paper_reward(helpful, safety, is_safety, ours, 0.15)
+        assert torch.equal(got, expected)
+        if running:
+            assert ours.state_dict() == theirs.state_dict()  # type: ignore[union-attr]
