@@ -1,5 +1,7 @@
-"""Pure maths of the LLaMA 2 recipe: LM loss, ranking loss with margins, the combined PPO reward,
-KL estimators and controllers, GAE, clipped PPO losses and whitening. Imports torch only.
+"""Pure maths and types of the LLaMA 2 recipe, on torch alone: LM loss, ranking loss with
+margins, the combined PPO reward, KL estimators and controllers, GAE, clipped PPO losses and
+whitening (re-exported here); rollouts and the score bundle (:mod:`~.rollout`) and the
+experience PPO trains on (:mod:`~.experience`: ``make_experience``, ``ppo_objective``).
 """
 
 from llamalab.rlhf.kl import (
