@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from llamalab.model import LlamaConfig
 from llamalab.model.config import ConfigError
+from llamalab.scale.build import is_rank_zero
+from llamalab.scale.strategies import world_size
 
 log = logging.getLogger("llamalab")
 
@@ -77,10 +79,6 @@ def output_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # no Hydra (a test calling train() with a composed config)
         return Path(os.getcwd())
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 def print_config(cfg: DictConfig) -> None:
@@ -291,12 +289,6 @@ def validation_schedule(trainer_cfg: DictConfig, accumulate: int) -> dict[str, A
             "(null validates once per epoch)"
         )
     return {"val_check_interval": int(interval) * accumulate, "check_val_every_n_epoch": None}
-
-
-def world_size(cfg: DictConfig) -> int:
-    devices = cfg.trainer.get("devices", 1)
-    n = devices if isinstance(devices, int) and devices > 0 else 1
-    return n * int(cfg.trainer.get("num_nodes", 1) or 1)
 
 
 # ---------------------------------------------------------------------------- the run
