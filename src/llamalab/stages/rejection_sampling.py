@@ -126,6 +126,16 @@ def pool_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(best.values())
 
 
+def zero3_init(strategy: Any) -> Any:
+    """``deepspeed.zero.Init`` with the strategy's ZeRO settings, usable in ``setup``: Lightning's
+    ``model_sharded_context`` would complete the DeepSpeed config from the training batches,
+    which exist only once the answers are chosen."""
+    import deepspeed  # optional heavy dependency: only under a DeepSpeed strategy
+
+    config = {"train_micro_batch_size_per_gpu": 1, **dict(strategy.config or {})}
+    return deepspeed.zero.Init(config_dict_or_path=config, remote_device=strategy.remote_device)
+
+
 class RejectionSamplingStage(SFTStage):
     """SFT on the best of K sampled answers (data: ``RejectionSamplingDataModule``)."""
 
@@ -202,8 +212,7 @@ class RejectionSamplingStage(SFTStage):
         if mode == "none":
             self.frozen = {k: m.to(device) for k, m in load_roles(self, roles).items()}
             return
-        sharded = self.trainer.strategy.model_sharded_context  # ZeRO-3: deepspeed.zero.Init
-        with sharded() if mode == "zero3" else contextlib.nullcontext():
+        with zero3_init(self.trainer.strategy) if mode == "zero3" else contextlib.nullcontext():
             self.frozen = load_roles(self, roles)
 
     @contextlib.contextmanager
