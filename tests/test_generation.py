@@ -147,10 +147,10 @@ def test_bad_arguments_are_refused():
 
 @pytest.mark.slow
 def test_compiled_decode_step_equals_eager_and_follows_weight_updates():
-    """generate(compile=True): the compiled static-shape step (llamalab.compiled_decode) gives
+    """generate(compile=True): the compiled static-shape step (llamalab.generation.compiled) gives
     eager's greedy tokens, EOS handling and raw log-probs on a left-padded GQA batch, and
     recompiles (never decodes with stale frozen weights) after the weights change in place."""
-    from llamalab.compiled_decode import bucket_length, compiled_decoder
+    from llamalab.generation.compiled import bucket_length, compiled_decoder
 
     model = tiny_model(2)
     free = generate(model, PROMPTS, max_new_tokens=12, temperature=0).tokens

@@ -150,7 +150,6 @@ def test_user_error_table_names_real_exceptions() -> None:
     assert len(cli.user_error_types()) == len(cli.USER_ERRORS)
 
 
-@pytest.mark.xfail(reason="other helpers split the long modules", strict=False)
 def test_no_module_is_over_400_lines() -> None:
     long = {
         name: n

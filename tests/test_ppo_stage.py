@@ -18,16 +18,15 @@ from _helpers_rlhf import (
 )
 
 from llamalab.checkpoint import CheckpointError, save_hf
-from llamalab.generation import GenerationOutput
+from llamalab.generation import GenerationOutput, sample_responses
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
-from llamalab.stages.ppo import PPOConfig, PPOStage, derive_seed
-from llamalab.stages.rollout import (
+from llamalab.rlhf.rollout import (
     build_rollout,
     response_logprobs,
     response_values,
-    sample_responses,
     sequence_scores,
 )
+from llamalab.stages.ppo import PPOConfig, PPOStage, derive_seed
 from llamalab.tokenizer import Tokenizer
 
 
@@ -246,9 +245,9 @@ def test_a_language_model_as_reward_model_is_refused(world: dict[str, Path]) -> 
 
 def test_critic_from_a_language_model_keeps_its_backbone(world: dict[str, Path]) -> None:
     from llamalab.checkpoint import load_model
-    from llamalab.stages.frozen import load_critic
+    from llamalab.scale.build import build_pretrained
 
-    critic = load_critic(world["sft"])
+    critic = build_pretrained(world["sft"], "scalar", "none", trainable=True, role="critic_init")
     policy = load_model(world["sft"])
     assert torch.equal(critic.layers[0].attention.wq.weight, policy.layers[0].attention.wq.weight)
     assert critic.training and all(p.requires_grad for p in critic.parameters())

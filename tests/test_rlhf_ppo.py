@@ -366,3 +366,84 @@ def test_entropy_from_logits() -> None:
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [0.0, -math.inf, -math.inf, -math.inf]]])
     # uniform over 4 -> ln 4; all mass on one token -> 0 (no NaN from 0 * -inf)
     torch.testing.assert_close(entropy_from_logits(logits), torch.tensor([[math.log(4.0), 0.0]]))
+
+
+# ---------------------------------------------------------------- one reward path (issue #14)
+def _inline_stage_reward(
+    helpful_raw: torch.Tensor,
+    safety_raw: torch.Tensor,
+    is_safety: torch.Tensor,
+    moments: RunningMoments | None,
+    threshold: float,
+) -> torch.Tensor:
+    """The sequence score PPOStage.make_experience assembled inline before issue #14 (kept here,
+    verbatim, as the reference the tested ``paper_reward`` had to equal before it replaced it)."""
+    rc, _ = combined_reward(helpful_raw, safety_raw, is_safety, threshold)
+    raw = logit(rc)
+    if moments is not None:
+        moments.update(raw)
+        return moments.whiten(raw)
+    return whiten(raw)
+
+
+@pytest.mark.parametrize("running", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paper_reward_equals_the_stage_inline_reward_bit_for_bit(running: bool, seed: int) -> None:
+    """Random raw scores (some saturated, some below the safety threshold), several batches so
+    the running moments carry state: paper_reward gives the very bits the inline code gave."""
+    gen = torch.Generator().manual_seed(seed)
+    ours = RunningMoments() if running else None
+    theirs = RunningMoments() if running else None
+    for batch in (16, 5, 1, 33):
+        helpful = torch.randn(batch, generator=gen) * 6
+        safety = torch.randn(batch, generator=gen) * 6
+        helpful[0] = 40.0  # sigmoid saturates: the clamp in logit decides
+        is_safety = torch.rand(batch, generator=gen) < 0.3
+        expected = _inline_stage_reward(helpful, safety, is_safety, theirs, 0.15)
+        got = paper_reward(helpful, safety, is_safety, ours, 0.15)
+        assert torch.equal(got, expected)
+        if running:
+            assert ours.state_dict() == theirs.state_dict()  # type: ignore[union-attr]
+
+
+def test_make_experience_is_paper_reward_at_the_last_token_then_gae() -> None:
+    """make_experience: R~c from paper_reward (moments updated once), the length penalty, -beta*KL
+    per token, GAE; experience_stats only reads the moments."""
+    from llamalab.rlhf.experience import experience_stats, make_experience
+    from llamalab.rlhf.rollout import Rollout, Scores
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rollout = Rollout(
+        input_ids=torch.zeros(2, 5, dtype=torch.long),
+        attention_mask=torch.ones(2, 5, dtype=torch.long),
+        response=torch.zeros(2, 3, dtype=torch.long),
+        response_mask=mask,
+        finished=torch.tensor([True, False]),
+        gen_logprobs=torch.zeros(2, 3),
+        prompt_width=2,
+    )
+    helpful, safety = torch.tensor([1.0, -2.0]), torch.tensor([3.0, 4.0])
+    is_safety = torch.tensor([False, False])
+    rc, used = combined_reward(helpful, safety, is_safety)
+    scores = Scores(helpful, safety, rc, used)
+    logprobs, ref = torch.randn(2, 3, generator=gen) * mask, torch.randn(2, 3, generator=gen) * mask
+    values = torch.randn(2, 3, generator=gen) * mask
+    moments = {k: RunningMoments() for k in ("combined", "helpful", "safety")}
+    experience, terms = make_experience(
+        rollout, scores, is_safety, logprobs, ref, values, kl_coef=0.1, lam=1.0,
+        truncation_penalty=1.0, whiten_stats=moments["combined"],
+    )  # fmt: skip
+    assert moments["combined"].count == 2
+    expected_score = paper_reward(helpful, safety, is_safety, RunningMoments())
+    assert torch.equal(terms.score, expected_score)
+    assert torch.equal(terms.penalised, expected_score - torch.tensor([0.0, 1.0]))
+    kl = (logprobs - ref) * mask
+    rewards = sequence_rewards_to_token_rewards(terms.penalised, kl, mask, 0.1)
+    _, returns = gae(rewards, values, mask, 1.0, 1.0)
+    torch.testing.assert_close(experience.returns, returns)
+    assert abs(float(masked_mean(experience.advantages, mask))) < 1e-6
+    before = {k: m.state_dict() for k, m in moments.items()}
+    stats = experience_stats(rollout, scores, terms, experience, 0.1, moments)
+    assert {k: m.state_dict() for k, m in moments.items()} == before
+    assert stats["train/kl"] == pytest.approx(float(kl.sum(dim=1).mean()))

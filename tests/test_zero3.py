@@ -247,3 +247,29 @@ def test_ppo_runs_on_two_processes(
     with open(out / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sum(1 for r in rows if r.get("train/kl")) == 2  # two iterations logged
+
+
+# ---------------------------------------------------------------------------- rejection sampling
+@pytest.mark.slow
+def test_rejection_sampling_runs_under_zero3_on_two_processes(
+    world: dict[str, str], tmp_path: Path, cache_dir: Path
+) -> None:
+    """The sampling policy and both reward models loaded partitioned (the one role loader),
+    gathered for sampling and scoring; each rank samples its half of the prompts, fine-tunes
+    under ZeRO-3, judges held-out prompts, and the consolidated export loads."""
+    out = tmp_path / "rs"
+    args = [
+        "stage=rejection_sampling", "logger=none", "callbacks=none", "plan.check=false",
+        f"paths.output_dir={out}", f"paths.outputs_root={tmp_path / 'outs'}",
+        f"stage.init={world['sft']}", f"stage.reward_helpful={world['rm']}",
+        f"stage.reward_safety={world['rm']}", "stage.num_samples=2", "stage.max_prompts=4",
+        "stage.max_new_tokens=6", "stage.batch_size=2", "data.batch_size=2", "stage.epochs=1",
+        "trainer.limit_val_batches=1", *distributed("deepspeed_zero3"),
+    ]  # fmt: skip
+    train(args, cache_dir)
+    chosen = (out / "best_samples.jsonl").read_text().splitlines()
+    assert len(chosen) == 4  # both ranks' halves, gathered by rank 0
+    assert isinstance(load_model(out / "export"), Llama)
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/loss") for r in rows) and any(r.get("eval/reward") for r in rows)

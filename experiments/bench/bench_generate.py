@@ -12,7 +12,7 @@ tie between two logits can flip one token in float32; anything far below 100% is
     python experiments/bench/bench_generate.py --compile   # also generate(compile=True)
     python experiments/bench/bench_generate.py --aten      # also ours on F.linear's GEMMs
 
-``--compile`` adds our compiled static-shape decode step (``llamalab.compiled_decode``) as a
+``--compile`` adds our compiled static-shape decode step (``llamalab.generation.compiled``) as a
 third contender; its one-off compilation happens in the warm-up and is printed separately.
 ``--aten`` adds our eager sampler with the model's CPU products on ``F.linear``'s BLAS instead
 of oneDNN (``llamalab.model.linear``).

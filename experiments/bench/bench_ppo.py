@@ -13,7 +13,7 @@ them; only the Lightning plumbing they reach for (``optimizers()``, ``manual_bac
    (temperature 1, top-p off, EOS disabled so every response has ``--max-new-tokens`` tokens)
    + ``build_rollout``;
 2. ``score``: ``score`` = ``score_rollout`` with the two reward models;
-3. ``experience``: ``make_experience`` = actor (old log-probs), reference and critic forwards
+3. ``experience``: ``experience`` = actor (old log-probs), reference and critic forwards
    (``in_chunks`` of ``mini_batch`` rows), the KL-shaped rewards, GAE and whitening;
 4. ``train``: ``ppo_update`` = ``ppo_epochs`` passes over shuffled mini-batches, the real
    ``ppo_loss`` (clipped policy + value loss), backward through actor and critic, gradient
@@ -23,7 +23,7 @@ Prompts are random tokens of random lengths (``--prompt-len``, default 16-48; le
 library). Each figure is the median over ``--repeats`` iterations after one warm-up iteration.
 FLOPs come from ``llamalab.perf.ppo_flops_per_token`` per token of experience (prompt + response
 tokens, attention over the mean sequence length): ``generate``, ``reward``, ``policy_rollout``
-(the actor's old log-probs, recomputed by ``make_experience``) + ``reference`` +
+(the actor's old log-probs, recomputed by ``experience``) + ``reference`` +
 ``value_rollout``, and ``policy_train`` +
 ``value_train`` (``ppo_epochs`` passes). MFU is against a peak measured in the same run
 (``measure_peak_flops``: a timed GEMM on CPU, the datasheet on a known GPU).
@@ -56,9 +56,9 @@ from llamalab.generation import left_pad
 from llamalab.model import LlamaConfig, LlamaScalar
 from llamalab.perf import measure_peak_flops, mfu, ppo_flops_per_token
 from llamalab.rlhf import logprobs_from_logits
-from llamalab.stages.frozen import freeze
+from llamalab.rlhf.rollout import Rollout, in_chunks, response_logprobs
+from llamalab.scale.build import freeze
 from llamalab.stages.ppo import PPOStage
-from llamalab.stages.rollout import Rollout, in_chunks, response_logprobs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PHASES = ("generate", "score", "experience", "train")
@@ -222,7 +222,7 @@ def iteration(
     out["score"] = timed(lambda: out.update(scores=stage.score(rollout, is_safety)), device)
     scores = out.pop("scores")
     out["experience"] = timed(
-        lambda: out.update(made=stage.make_experience(rollout, scores)), device
+        lambda: out.update(made=stage.experience(rollout, scores, is_safety)), device
     )
     experience, stats = out.pop("made")
     reference = stage.reference

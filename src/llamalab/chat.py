@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import torch
 
-from llamalab import pipeline
+from llamalab import generation, pipeline
 from llamalab.model import Llama
 from llamalab.model.kv_cache import KVCache
 from llamalab.tokenizer import DialogError, Message, Tokenizer
@@ -110,8 +110,6 @@ def stream_tokens(
     Prefill the KV cache with the prompt, then feed back one token per step: the same tokens as
     `llamalab.generation.generate` for a batch of one (greedy parity is tested).
     """
-    from llamalab.generation import sample_next
-
     if not prompt_ids or max_new_tokens < 1:
         raise ValueError("stream_tokens needs a non-empty prompt and max_new_tokens >= 1")
     device = next(model.parameters()).device
@@ -120,7 +118,9 @@ def stream_tokens(
     tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)  # (1, P)
     for step in range(max_new_tokens):
         logits = model(tokens, kv_cache=cache)[:, -1]  # (1, vocab)
-        tokens = sample_next(logits, temperature, top_p, None, generator)[:, None]  # (1, 1)
+        tokens = generation.sample_next(logits, temperature, top_p, None, generator)[
+            :, None
+        ]  # (1, 1)
         token = int(tokens.item())
         yield token
         if token == eos_id or step == max_new_tokens - 1:
@@ -313,33 +313,28 @@ def answer_prompts(
     raw: bool = False,
     compile: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Generate an answer per prompt in batches (`llamalab.generation.generate`); yields
-    `{"response", "tokens" (new ids, EOS included), "finished" (ended with EOS)}` in order.
+    """Generate an answer per prompt in batches (:func:`llamalab.generation.answer_prompts`);
+    yields `{"response", "tokens" (new ids, EOS included), "finished" (ended with EOS)}` in
+    order. The batch starting at prompt `i` samples with seed `sampling.seed + i`.
     `raw`: the prompt text is encoded as plain text with BOS (a pretrained, not chat, model).
-    `compile`: decode with the compiled static-shape step (`llamalab.compiled_decode`)."""
-    from llamalab.generation import generate
-
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    `compile`: decode with the compiled static-shape step (`llamalab.generation.compiled`)."""
     context = model.config.max_seq_len
     budget = max(1, context - min(sampling.max_new_tokens, context // 2))
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        ids = [encode_prompt(tokenizer, messages, budget, raw) for messages in batch]
-        output = generate(
-            model,
-            ids,
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            eos_id=tokenizer.eos_id,
-            seed=None if sampling.seed is None else sampling.seed + start,
-            pad_id=tokenizer.pad_id,
-            compile=compile,
-        )
-        for tokens, finished in zip(output.tokens, output.finished):
-            text = tokenizer.decode(t for t in tokens if t != tokenizer.eos_id).strip()
-            yield {"response": text, "tokens": tokens, "finished": finished}
+    answers = generation.answer_prompts(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        batch_size=batch_size,
+        seed_stride=batch_size,
+        encode=lambda messages: encode_prompt(tokenizer, messages, budget, raw),
+        compile=compile,
+    )
+    for answer in answers:
+        yield {"response": answer.response, "tokens": answer.tokens, "finished": answer.finished}
 
 
 def encode_prompt(

@@ -307,7 +307,8 @@ def read_hf_state(root: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _head_from_config(cfg: dict[str, Any], root: Path) -> str:
+def head_from_config(cfg: dict[str, Any], root: Path) -> str:
+    """``"lm"`` or ``"scalar"`` for an HF ``config.json`` (the one head detection)."""
     if cfg.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{root}/config.json: model_type {cfg['model_type']!r} is not llama")
     arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
@@ -336,7 +337,7 @@ def load_hf(
     if not config_file.is_file():
         raise CheckpointError(f"{root} is not a Hugging Face checkpoint: no config.json")
     cfg = json.loads(config_file.read_text())
-    head = _head_from_config(cfg, root)
+    head = head_from_config(cfg, root)
     try:
         config = LlamaConfig.from_hf_config(cfg)
     except (ConfigError, KeyError) as err:

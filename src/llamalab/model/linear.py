@@ -145,7 +145,7 @@ _frozen = False  # set while a graph with frozen (constant) weights is being tra
 
 
 class frozen_weights:
-    """Context for tracing a graph whose weights Inductor freezes (``llamalab.compiled_decode``):
+    """Context for tracing a graph whose weights Inductor freezes (``llamalab.generation.compiled``):
     the raw oneDNN operator then goes into the graph with the weight as a constant."""
 
     def __enter__(self) -> None:

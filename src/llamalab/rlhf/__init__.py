@@ -1,6 +1,8 @@
-"""Pure maths of the LLaMA 2 recipe: LM loss, ranking loss with margins, the combined PPO reward,
-KL estimators and controllers, GAE, clipped PPO losses and whitening. Imports torch only (and the
-plain-Python label names of ``llamalab.data.labels``, re-exported here for existing callers).
+"""Pure maths and types of the LLaMA 2 recipe, on torch alone: LM loss, ranking loss with
+margins, the combined PPO reward, KL estimators and controllers, GAE, clipped PPO losses and
+whitening (re-exported here); rollouts and the score bundle (:mod:`~.rollout`) and the
+experience PPO trains on (:mod:`~.experience`: ``make_experience``, ``ppo_objective``).
+The plain-Python label names of ``llamalab.data.labels`` are re-exported for existing callers.
 """
 
 from llamalab.data.labels import IGNORE_INDEX, RATINGS, parse_rating

@@ -1,5 +1,6 @@
-"""KL between the policy and the frozen initial policy: per-token estimators and the controllers
-that set the penalty coefficient beta (PAPER.md §3.2.3).
+"""KL between the policy and the frozen initial policy: per-token estimators, the exact per-token
+KL of two next-token distributions (:func:`token_kl`, the held-out evaluation's measure) and the
+controllers that set the penalty coefficient beta (PAPER.md §3.2.3).
 """
 
 from __future__ import annotations
@@ -87,3 +88,14 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value = float(state["value"])
+
+
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi || pi_ref) of the next-token distributions at each position: (B, R) nats.
+
+    Summed over a sampled response this is the lowest-variance estimate of the sequence KL
+    (the expectation over the token is taken exactly, only the prefix is sampled).
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(dim=-1)

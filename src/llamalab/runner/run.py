@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from llamalab.runner.checkpoints import (
 )
 from llamalab.runner.paths import export_dir, link_latest, output_dir, resolve_export_dir
 from llamalab.runner.tracking import finish_previous_run, wandb_kwargs
+from llamalab.scale.build import is_rank_zero
 from llamalab.scale.plan import Plan
 from llamalab.scale.plan_cfg import check_machine, plan_from_config
 from llamalab.scale.strategies import build_strategy, world_size
@@ -60,10 +60,6 @@ ARCH_KEYS = (
 
 
 # ---------------------------------------------------------------------------- the config
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-
-
 def print_config(cfg: DictConfig) -> None:
     """The composed config as a rich tree (rank 0 only)."""
     if not is_rank_zero():

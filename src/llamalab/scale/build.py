@@ -15,20 +15,27 @@ strategy wraps the module). Three modes, read from the trainer's strategy:
 So no process ever holds a whole model beyond one module, except on the fallback for
 checkpoints other than Hugging Face directories (Meta, ``.ckpt``, ZeRO and distributed
 checkpoints), which are read whole into CPU memory first (documented in docs/scale.md).
+
+:func:`build_pretrained` is the one loader of the models a stage plays with (policy, reference,
+critic, reward models) in every mode, and :func:`load_roles` loads a stage's set of them
+sharded like the stage's own model (PPO, rejection sampling).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from llamalab.checkpoint import CheckpointError, load_model
+from llamalab.checkpoint import CheckpointError, load_backbone_into, load_model
+from llamalab.checkpoint.hf import from_hf_name, head_from_config
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
 
 HEADS = {"lm": Llama, "scalar": LlamaScalar}
@@ -68,9 +75,13 @@ def full_numel(p: torch.Tensor) -> int:
 
 
 def is_rank_zero() -> bool:
+    """Rank 0 of the process group, or of the launch (``RANK`` / ``LOCAL_RANK``) before the
+    group exists; True in a single process."""
     import torch.distributed as dist
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
 # ---------------------------------------------------------------------------- units
@@ -184,9 +195,7 @@ class LazyState(Mapping[str, torch.Tensor]):
         if (root / "config.json").exists() and self._open_safetensors(root):
             cfg = json.loads((root / "config.json").read_text())
             self.config = LlamaConfig.from_hf_config(cfg)
-            self.head = (
-                "scalar" if "SequenceClassification" in str(cfg.get("architectures")) else "lm"
-            )
+            self.head = head_from_config(cfg, root)
         else:
             with outside_zero_init():
                 model = load_model(self.path)
@@ -196,8 +205,6 @@ class LazyState(Mapping[str, torch.Tensor]):
 
     def _open_safetensors(self, root: Path) -> bool:
         from safetensors import safe_open
-
-        from llamalab.checkpoint.hf import from_hf_name
 
         files = sorted(root.glob("*.safetensors"))
         for file in files:
@@ -283,10 +290,35 @@ def load_weights(model: nn.Module, state: LazyState, mode: str, source: str) -> 
 
 
 def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: the model only scores."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _load_whole(path: str | Path, head: str, trainable: bool, source: str) -> nn.Module:
+    """Unsharded: :func:`load_model` as stored (its dtype kept); a language model as a trainable
+    scalar model keeps its backbone under a fresh head (the critic's usual start)."""
+    model = load_model(path)
+    if head == "lm" and not isinstance(model, Llama):
+        raise CheckpointError(f"{source} holds a scalar model, not a language model")
+    if head == "scalar" and not isinstance(model, LlamaScalar):
+        if not trainable:
+            raise CheckpointError(_not_a_reward_model(source))
+        critic = LlamaScalar(model.config)
+        critic.init_weights()
+        load_backbone_into(critic, model.state_dict(), source=str(path))
+        model = critic
+    return model
+
+
+def _not_a_reward_model(source: str) -> str:
+    key = source.split("=", 1)[0]
+    return (
+        f"{source} is a language model, not a reward model (scalar head): train one with "
+        f"`python src/train.py stage=reward` and point {key} at it"
+    )
 
 
 def build_pretrained(
@@ -299,24 +331,28 @@ def build_pretrained(
     role: str = "init",
     device: Any = "cpu",
 ) -> Llama | LlamaScalar:
-    """A model of ``head`` built sharded per ``mode`` and loaded from ``path`` shard by shard.
+    """The model of ``head`` in ``path``: whole (``mode="none"``), or built sharded per ``mode``
+    and loaded shard by shard. ``role`` is the stage setting that named ``path`` (for errors).
 
-    A reward model (``head="scalar"``, frozen) must come from a scalar checkpoint; a trainable
-    scalar model (the critic) may start from a language model's backbone.
+    A frozen scalar model (a reward model) must come from a scalar checkpoint; a trainable one
+    (the critic) may start from a language model's backbone. Trainable models are returned in
+    train mode with gradients, the others frozen (:func:`freeze`).
     """
-    state = LazyState(path)
     source = f"stage.{role}={path}"
-    if head == "scalar" and state.head == "lm" and not trainable:
-        raise CheckpointError(
-            f"{source} is a language model, not a reward model (scalar head): train one with "
-            f"`python src/train.py stage=reward` and point stage.{role} at it"
-        )
-    model = build(head, state.config, mode, mesh, device)
-    load_weights(model, state, mode, source)
-    if trainable:
-        model.train()
-        return model
-    return freeze(model)  # type: ignore[return-value]
+    if mode == "none":
+        model = _load_whole(path, head, trainable, source)
+    else:
+        state = LazyState(path)
+        if head == "scalar" and state.head == "lm" and not trainable:
+            raise CheckpointError(_not_a_reward_model(source))
+        model = build(head, state.config, mode, mesh, device)
+        load_weights(model, state, mode, source)
+    if not trainable:
+        return freeze(model)  # type: ignore[return-value]
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model  # type: ignore[return-value]
 
 
 def stage_mesh(module: Any, mode: str) -> Any:
@@ -327,20 +363,34 @@ def stage_device(module: Any, mode: str) -> Any:
     return module.trainer.strategy.root_device if mode == "fsdp" else "cpu"
 
 
-def load_rlhf_models(module: Any, paths: Mapping[str, str]) -> dict[str, nn.Module]:
-    """PPO's reference, reward models and critic, sharded like the actor (``module`` is the
-    stage; ``paths``: ``reference``, ``helpful``, ``safety``, ``critic``)."""
+@dataclass(frozen=True)
+class Role:
+    """One model a stage loads: its checkpoint, head (``"lm"`` / ``"scalar"``), whether it
+    trains, and the stage setting that names it (``init``, ``critic_init``, ``reward_helpful``)."""
+
+    path: str
+    head: str
+    trainable: bool
+    key: str
+
+
+def load_roles(module: Any, roles: Mapping[str, Role]) -> dict[str, nn.Module]:
+    """Each role's model, in order, sharded like the stage ``module``'s own (ZeRO-3 / FSDP, from
+    its trainer's strategy) or whole."""
     mode = module_sharding(module)
     kw = {"mode": mode, "mesh": stage_mesh(module, mode), "device": stage_device(module, mode)}
     return {
-        "reference": build_pretrained(paths["reference"], "lm", trainable=False, role="init", **kw),
-        "rm_helpful": build_pretrained(
-            paths["helpful"], "scalar", trainable=False, role="reward_helpful", **kw
-        ),
-        "rm_safety": build_pretrained(
-            paths["safety"], "scalar", trainable=False, role="reward_safety", **kw
-        ),
-        "critic": build_pretrained(
-            paths["critic"], "scalar", trainable=True, role="critic_init", **kw
-        ),
+        name: build_pretrained(r.path, r.head, trainable=r.trainable, role=r.key, **kw)
+        for name, r in roles.items()
     }
+
+
+def check_same_vocabulary(models: Mapping[str, nn.Module]) -> None:
+    """Every model must read the same token ids (policy, reference, critic, reward models)."""
+    sizes = {role: m.config.vocab_size for role, m in models.items()}  # type: ignore[union-attr]
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{role}: {size}" for role, size in sizes.items())
+        raise CheckpointError(
+            "the RLHF models do not share one vocabulary "
+            f"({listing}): train the reward models from the same SFT model as the policy"
+        )

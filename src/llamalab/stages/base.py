@@ -8,6 +8,7 @@ A stage subclass says which head it trains (``head = "lm"`` or ``"scalar"``) and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -103,6 +104,18 @@ class LlamaStage(L.LightningModule):
         if not any(p.is_meta for p in model.parameters()):
             model.init_weights()
         return model
+
+    def generation_context(self, model: nn.Module | None = None, how: str = "auto") -> Any:
+        """The model to sample with (default: the stage's own): under ZeRO-3 / FSDP gathered once
+        per call (PAPER.md §3.2.3: per-token gathering is ~20x slower) or, when it does not fit,
+        per layer in lockstep across ranks (:func:`llamalab.scale.zero_gen.generation_model`).
+        Every rank must enter."""
+        model = self.export_model() if model is None else model
+        if self._trainer is None or not self.sharded:
+            return contextlib.nullcontext(model)
+        from llamalab.scale.zero_gen import generation_model
+
+        return generation_model(model, self.trainer.strategy, how)
 
     @property
     def sharded(self) -> bool:

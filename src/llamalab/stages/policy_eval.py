@@ -2,7 +2,8 @@
 for the built-in prompts, the rule-checked ground truth (:mod:`llamalab.data.judge`).
 
 Shared by PPO's periodic evaluation, rejection sampling's validation and
-``experiments/rlhf_demo``. Two generations per prompt, on purpose:
+``experiments/rlhf_demo``; :func:`finish_evaluation` is the end of both stages' evaluation, and
+the row builders here make PPO's W&B sample tables. Two generations per prompt, on purpose:
 
 - the **judged response** is greedy (temperature 0): deterministic, so two policies are compared
   on their most likely answer, not on sampling luck. Ground truth and both reward-model scores
@@ -21,15 +22,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamalab.stages.rollout import (
+from llamalab.data.judge import ground_truth, ground_truth_report
+from llamalab.generation import sample_responses
+from llamalab.rlhf.kl import token_kl
+from llamalab.rlhf.rollout import (
+    Rollout,
+    Scores,
     build_rollout,
     in_chunks,
     response_logits,
-    sample_responses,
     score_rollout,
-    token_kl,
 )
 from llamalab.tokenizer import Tokenizer
+
+ROLLOUT_COLUMNS = ["iteration", "prompt", "response", "helpful_raw", "safety_raw", "reward"]
+EVAL_COLUMNS = ["iteration", "prompt", "response", "helpful", "safety", "reward", "ground_truth"]
 
 
 @torch.no_grad()
@@ -130,8 +137,75 @@ def summarize(
     if any("kl" in s for s in samples):
         out["kl_to_ref"] = mean("kl")
     if records is not None and judgeable(records):
-        from llamalab.data.judge import ground_truth_report
-
         report = ground_truth_report(records, [str(s["response"]) for s in samples])
         out.update({k: float(v) for k, v in report.items() if not k.startswith("n")})
     return out
+
+
+# ---------------------------------------------------------------------------- in a stage
+def held_out_records(trainer: Any, indices: list[int]) -> list[dict[str, Any]] | None:
+    """The held-out prompt records (for the ground-truth judge), when the data has them."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None or not hasattr(datamodule, "records"):
+        return None
+    records = datamodule.records("val")
+    return [records[i] for i in indices]
+
+
+def finish_evaluation(
+    module: Any, samples: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, float], list[dict[str, Any]] | None]:
+    """The end of a held-out evaluation (PPO, rejection sampling): the samples' records, the
+    metrics of :func:`summarize`, logged as ``eval/*`` (averaged over ranks)."""
+    records = held_out_records(module.trainer, [int(s["index"]) for s in samples])
+    metrics = summarize(samples, records)
+    module.log_dict({f"eval/{k}": v for k, v in metrics.items()}, sync_dist=True)
+    return metrics, records
+
+
+def table_logger(module: Any) -> Any | None:
+    """The first logger that takes tables (W&B), on rank 0; None elsewhere or without one."""
+    if not module.trainer.is_global_zero:
+        return None
+    return next((lg for lg in module.loggers if hasattr(lg, "log_table")), None)
+
+
+def rollout_table(
+    iteration: int,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Sequence[int]],
+    rollout: Rollout,
+    scores: Scores,
+    n: int,
+) -> list[list[Any]]:
+    """The first ``n`` rows of a training rollout (columns :data:`ROLLOUT_COLUMNS`)."""
+    return [
+        [
+            iteration,
+            tokenizer.decode(prompts[i]),
+            tokenizer.decode(rollout.response[i][rollout.response_mask[i].bool()].tolist()),
+            float(scores.helpful_raw[i]),
+            float(scores.safety_raw[i]),
+            float(scores.combined[i]),
+        ]
+        for i in range(min(n, len(rollout)))
+    ]
+
+
+def eval_table(
+    iteration: int,
+    tokenizer: Tokenizer,
+    samples: Sequence[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]] | None,
+    n: int,
+) -> list[list[Any]]:
+    """The first ``n`` evaluated samples (columns :data:`EVAL_COLUMNS`); the ground truth
+    where the record can be judged."""
+    rows = []
+    for i, s in enumerate(samples[:n]):
+        truth = None
+        if records is not None and (records[i].get("reference") or records[i].get("kind")):
+            truth = ground_truth(records[i], s["response"])
+        row = [s["response"], s["helpful"], s["safety"], s["reward"], truth]
+        rows.append([iteration, tokenizer.decode(s["prompt_ids"]), *row])
+    return rows

@@ -3,24 +3,30 @@ a high temperature, scored by the reward models, the best kept (pooled with earl
 best), then SFT on them with the SFT stage's own training step.
 
 Sampling runs once, in ``setup("fit")`` before the optimizer and the schedule exist (the number
-of training batches depends on what was kept). The chosen dialogs are written to
+of training batches depends on what was kept). Under ZeRO-3 / FSDP the sampling policy and the
+reward models are loaded sharded (the one loader, :func:`llamalab.scale.build.load_roles`) and
+each is gathered whole for sampling and scoring (:func:`llamalab.scale.zero_gen.consolidated`). The chosen dialogs are written to
 ``<run>/best_samples.jsonl``; a later iteration lists earlier runs in ``pool_from``. Sampling
 seeds derive from ``seed``, so a resumed run chooses the same answers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from llamalab.stages.frozen import load_reference, load_reward_model
-from llamalab.stages.policy_eval import evaluate_batch, summarize
-from llamalab.stages.rollout import build_rollout, sample_responses, score_rollout
+from llamalab.generation import sample_responses
+from llamalab.rlhf.rollout import build_rollout, score_rollout
+from llamalab.scale.build import Role, load_roles, module_sharding
+from llamalab.scale.zero_gen import consolidated
+from llamalab.stages.policy_eval import evaluate_batch, finish_evaluation
 from llamalab.stages.sft import SFTStage
 
 SAMPLES_FILE = "best_samples.jsonl"
@@ -120,6 +126,16 @@ def pool_best(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(best.values())
 
 
+def zero3_init(strategy: Any) -> Any:
+    """``deepspeed.zero.Init`` with the strategy's ZeRO settings, usable in ``setup``: Lightning's
+    ``model_sharded_context`` would complete the DeepSpeed config from the training batches,
+    which exist only once the answers are chosen."""
+    import deepspeed  # optional heavy dependency: only under a DeepSpeed strategy
+
+    config = {"train_micro_batch_size_per_gpu": 1, **dict(strategy.config or {})}
+    return deepspeed.zero.Init(config_dict_or_path=config, remote_device=strategy.remote_device)
+
+
 class RejectionSamplingStage(SFTStage):
     """SFT on the best of K sampled answers (data: ``RejectionSamplingDataModule``)."""
 
@@ -179,32 +195,48 @@ class RejectionSamplingStage(SFTStage):
         self.report_sampling(chosen, summary, time.perf_counter() - t0)
 
     def load_frozen(self, device: torch.device) -> None:
-        """The sampling policy (``init``, also the KL reference) and the two reward models."""
+        """The sampling policy (``init``, also the KL reference) and the two reward models,
+        sharded like the trained policy under ZeRO-3 / FSDP, whole on ``device`` otherwise."""
         if self.frozen:
             return
         if not (self.init_path and self.paths["helpful"] and self.paths["safety"]):
             raise ValueError(
                 "rejection sampling needs stage.init, reward_helpful and reward_safety"
             )
-        self.frozen = {
-            "policy": load_reference(self.init_path).to(device),
-            "helpful": load_reward_model(self.paths["helpful"], "reward_helpful").to(device),
-            "safety": load_reward_model(self.paths["safety"], "reward_safety").to(device),
+        roles = {
+            "policy": Role(self.init_path, "lm", False, "init"),
+            "helpful": Role(self.paths["helpful"], "scalar", False, "reward_helpful"),
+            "safety": Role(self.paths["safety"], "scalar", False, "reward_safety"),
         }
+        mode = module_sharding(self)
+        if mode == "none":
+            self.frozen = {k: m.to(device) for k, m in load_roles(self, roles).items()}
+            return
+        with zero3_init(self.trainer.strategy) if mode == "zero3" else contextlib.nullcontext():
+            self.frozen = load_roles(self, roles)
+
+    @contextlib.contextmanager
+    def whole_frozen(self) -> Iterator[dict[str, nn.Module]]:
+        """The frozen models to run: themselves, or under ZeRO-3 / FSDP their gathered copies
+        (every rank must enter)."""
+        mode = module_sharding(self)
+        with contextlib.ExitStack() as stack:
+            yield {k: stack.enter_context(consolidated(m, mode)) for k, m in self.frozen.items()}
 
     def sample_shard(self, datamodule: Any) -> list[dict[str, Any]]:
         """Best-of-K over this rank's share of the training prompts."""
         items = datamodule.prompt_items("train")[: self.max_prompts]
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        return best_of_k(
-            self.frozen["policy"],
-            self.frozen["helpful"],
-            self.frozen["safety"],
-            items[rank::world],
-            datamodule.tokenizer,
-            seed=self.seed + 104_729 * rank,
-            **self.sampling,
-        )
+        with self.whole_frozen() as frozen:
+            return best_of_k(
+                frozen["policy"],
+                frozen["helpful"],
+                frozen["safety"],
+                items[rank::world],
+                datamodule.tokenizer,
+                seed=self.seed + 104_729 * rank,
+                **self.sampling,
+            )
 
     @staticmethod
     def as_dialog(record: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
@@ -258,27 +290,24 @@ class RejectionSamplingStage(SFTStage):
         assert self.model is not None
         self.load_frozen(self.device)
         tokenizer = self.trainer.datamodule.tokenizer  # type: ignore[attr-defined]
-        samples = evaluate_batch(
-            self.model,
-            batch["prompt_ids"],
-            batch["is_safety"],
-            tokenizer,
-            self.frozen["helpful"],
-            self.frozen["safety"],
-            self.frozen["policy"],
-            max_new_tokens=self.eval_max_new_tokens,
-            chunk_size=self.sampling["generation_batch"],
-            seed=self.seed + batch_idx,
-            safety_threshold=self.sampling["safety_threshold"],
-        )
+        with self.generation_context() as policy, self.whole_frozen() as frozen:
+            samples = evaluate_batch(
+                policy,
+                batch["prompt_ids"],
+                batch["is_safety"],
+                tokenizer,
+                frozen["helpful"],
+                frozen["safety"],
+                frozen["policy"],
+                max_new_tokens=self.eval_max_new_tokens,
+                chunk_size=self.sampling["generation_batch"],
+                seed=self.seed + batch_idx,
+                safety_threshold=self.sampling["safety_threshold"],
+            )
         for sample, index in zip(samples, batch["index"].tolist()):
             self._eval_samples.append({**sample, "index": index})
 
     def on_validation_epoch_end(self) -> None:
         samples, self._eval_samples = self._eval_samples, []
-        if not samples:
-            return
-        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
-        records = [datamodule.records("val")[s["index"]] for s in samples]
-        metrics = summarize(samples, records)
-        self.log_dict({f"eval/{k}": v for k, v in metrics.items()}, sync_dist=True)
+        if samples:
+            finish_evaluation(self, samples)

@@ -31,7 +31,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryPrecision, BinaryRecall
 
 from llamalab.data.preference import pad_rows
-from llamalab.model import LlamaScalar, last_token_values
+from llamalab.model import LlamaScalar
 from llamalab.rlhf.losses import (
     MARGINS,
     RATINGS,
@@ -279,8 +279,7 @@ class RewardStage(LlamaStage):
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``(N, T)`` sequences -> ``(N,)`` float32 rewards, read at each row's last real token."""
         assert self.model is not None
-        values = self.model(input_ids, attention_mask=attention_mask)  # (N, T)
-        return last_token_values(values, attention_mask)
+        return self.model.score_sequences(input_ids, attention_mask)  # type: ignore[operator]
 
     def pair_rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward over the ``(2B, T)`` batch -> ``(r_chosen (B,), r_rejected (B,))``."""

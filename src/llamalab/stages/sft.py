@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from llamalab.generation import answer_prompts
 from llamalab.stages.pretrain import LanguageModelStage
 
 SAMPLE_COLUMNS = ["step", "prompt", "response", "ends_with_eos"]
@@ -87,31 +88,27 @@ class SFTStage(LanguageModelStage):
 
     @torch.no_grad()
     def generate_samples(self, prompts: list[list[dict[str, str]]], tokenizer: Any) -> list[dict]:
-        """Answer each prompt dialog (Meta's chat format); one row per prompt with the columns
-        of `SAMPLE_COLUMNS`. The prompt is cut from the left to leave room for the answer."""
-        from llamalab.generation import generate
-
+        """Answer each prompt dialog (:func:`llamalab.generation.answer_prompts`: Meta's chat
+        format, cut from the left to leave room for the answer); one row per prompt with the
+        columns of `SAMPLE_COLUMNS`."""
         assert self.model is not None
-        room = max(1, self.arch.max_seq_len - self.max_new_tokens)
-        encoded = [tokenizer.encode_dialog(p)[-room:] for p in prompts]
-        output = generate(
-            self.model,  # type: ignore[arg-type]  # a Llama (head = "lm"), maybe wrapped
-            encoded,
+        answers = answer_prompts(
+            self.model,
+            tokenizer,
+            prompts,
             max_new_tokens=self.max_new_tokens,
             temperature=self.sample_temperature,
             top_p=self.sample_top_p,
-            eos_id=tokenizer.eos_id,
             seed=int(self.global_step),
-            pad_id=tokenizer.pad_id,
         )
         return [
             {
                 "step": int(self.global_step),
                 "prompt": render_prompt(dialog),
-                "response": tokenizer.decode(t for t in tokens if t != tokenizer.eos_id).strip(),
-                "ends_with_eos": bool(finished),
+                "response": answer.response,
+                "ends_with_eos": answer.finished,
             }
-            for dialog, tokens, finished in zip(prompts, output.tokens, output.finished)
+            for dialog, answer in zip(prompts, answers)
         ]
 
     def publish_samples(self, rows: list[dict]) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llamalab.generation.compiled import bucket_length, compiled_decoder
 from llamalab.model.kv_cache import KVCache
 from llamalab.model.llama import Llama
 
@@ -86,7 +87,7 @@ def generate(
     """Sample up to ``max_new_tokens`` per prompt; defaults are Meta's (temperature 0.6, top-p 0.9).
 
     ``eos_id=None`` means no early stop. ``seed`` makes sampling reproducible. ``compile=True``
-    decodes with one compiled, static-shape step (:mod:`llamalab.compiled_decode`): faster for
+    decodes with one compiled, static-shape step (:mod:`llamalab.generation.compiled`): faster for
     repeated inference with fixed weights, a compilation whenever the weights changed.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -198,8 +199,6 @@ def _generate_compiled(
     be a new graph); the loop stops once every row has produced EOS, checked every
     ``_EOS_CHECK_EVERY`` steps so the host does not wait on the device each token.
     """
-    from llamalab.compiled_decode import bucket_length, compiled_decoder
-
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, pad_id, device)
     batch, prompt_len = input_ids.shape

@@ -11,20 +11,31 @@ Layout of a :class:`Rollout` (``P`` = longest prompt, ``R`` = longest response):
 Prompts are left padded and responses right padded, so every response starts at column ``P``
 and the logits that score response token ``t`` sit at column ``P - 1 + t`` for every row.
 Positions count real tokens only (the model's default), so padding never shifts RoPE.
-Everything here is model-agnostic plumbing; the maths lives in :mod:`llamalab.rlhf`.
+Model-agnostic plumbing on torch alone: the models are called, never imported. Sampling the
+responses is :func:`llamalab.generation.sample_responses`; the maths that turns a rollout into
+PPO targets is :mod:`llamalab.rlhf.experience`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from llamalab.generation import GenerationOutput, generate
-from llamalab.model import last_token_values
-from llamalab.rlhf import combined_reward, logprobs_from_logits
+from llamalab.rlhf.ppo import logprobs_from_logits
+from llamalab.rlhf.reward import combined_reward
+
+
+class Generated(Protocol):
+    """What sampling returns (:class:`llamalab.generation.GenerationOutput`): per prompt, the
+    new token ids (EOS included), their log-probs, and whether the response ended with EOS."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
 
 
 @dataclass
@@ -60,57 +71,9 @@ class Rollout:
         return self.response_mask.sum(dim=1)
 
 
-def merge_generations(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
-    """Several ``generate`` results (chunks of one batch) as one, in order."""
-    merged = GenerationOutput([], [], [])
-    for out in outputs:
-        merged.tokens += out.tokens
-        merged.logprobs += out.logprobs
-        merged.finished += out.finished
-    return merged
-
-
-def sample_responses(
-    model: nn.Module,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float | None,
-    eos_id: int,
-    pad_id: int,
-    seed: int,
-    chunk_size: int,
-) -> GenerationOutput:
-    """``generate`` over ``prompts`` in chunks of ``chunk_size`` (bounds the KV cache memory).
-
-    Chunk ``i`` samples with seed ``seed + i``: the result depends only on (weights, prompts,
-    seed, chunk_size), which is what an exactly resumed run needs.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        outputs = [
-            generate(
-                model,  # type: ignore[arg-type]
-                [list(p) for p in prompts[start : start + chunk_size]],
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                eos_id=eos_id,
-                pad_id=pad_id,
-                seed=seed + i,
-            )
-            for i, start in enumerate(range(0, len(prompts), chunk_size))
-        ]
-    finally:
-        model.train(was_training)
-    return merge_generations(outputs)
-
-
 def build_rollout(
     prompts: Sequence[Sequence[int]],
-    generated: GenerationOutput,
+    generated: Generated,
     pad_id: int,
     device: torch.device | str = "cpu",
 ) -> Rollout:
@@ -172,19 +135,7 @@ def response_values(critic: nn.Module, rollout: Rollout) -> torch.Tensor:
 
 def sequence_scores(reward_model: nn.Module, rollout: Rollout) -> torch.Tensor:
     """Raw reward-model scores (B,), read at each sequence's last real token (EOS)."""
-    values = reward_model(rollout.input_ids, attention_mask=rollout.attention_mask)
-    return last_token_values(values, rollout.attention_mask)
-
-
-def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
-    """Exact KL(pi || pi_ref) of the next-token distributions at each position: (B, R) nats.
-
-    Summed over a sampled response this is the lowest-variance estimate of the sequence KL
-    (the expectation over the token is taken exactly, only the prefix is sampled).
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    ref_logp = torch.log_softmax(ref_logits.float(), dim=-1)
-    return (logp.exp() * (logp - ref_logp)).sum(dim=-1)
+    return reward_model.score_sequences(rollout.input_ids, rollout.attention_mask)  # type: ignore[operator]
 
 
 @torch.no_grad()
