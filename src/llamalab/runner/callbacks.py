@@ -28,6 +28,10 @@ log = logging.getLogger("llamalab")
 # Debug/test hook: act as if SIGTERM arrived during optimizer step N (a deterministic way to
 # practise a preemption and its resume; the schedule is unchanged, unlike trainer.max_steps=N).
 PREEMPT_AT_STEP_ENV = "LLAMALAB_PREEMPT_AT_STEP"
+# Debug/test hook: send this process a real SIGTERM when training micro-batch N (0-based, counted
+# over the whole run) starts, e.g. in the middle of gradient accumulation. Unlike the hook above
+# this goes through the signal handler, exactly like a scheduler's SIGTERM.
+SIGNAL_AT_BATCH_ENV = "LLAMALAB_SIGNAL_AT_BATCH"
 
 
 def default_callbacks(cfg: DictConfig) -> list[Any]:
@@ -69,9 +73,14 @@ class PreemptionCheckpoint(Callback):
       of the accumulated micro-batches are not in any checkpoint.
     - Under several ranks the decision is reduced over ranks at every batch end, so all ranks
       save the same step together (a signal that reaches one rank is enough).
-    - Lightning raises ``SIGTERMException`` at the next batch on SIGTERM; the flag is cleared
-      once this callback has taken over. If Lightning raises first (a signal during
-      validation), a single-process run still saves in ``on_exception``.
+    - The handlers are installed at ``setup`` and installed again at ``on_train_start``, on
+      top of the handler Lightning registers in between. Lightning's SIGTERM handler forwards
+      the signal to the launcher's children and runs a ``dist.broadcast`` inside the handler,
+      which can pair with an unrelated collective of another rank; it would also raise
+      ``SIGTERMException`` at the next batch, before this callback could save. From the first
+      training batch on, a signal is only recorded, whatever the run is doing (validation
+      included), and acted on at the next optimizer-step boundary. If Lightning's handler still
+      ran (a signal before training starts), ``on_exception`` saves in a single process.
     - On SLURM with auto-requeue, SIGUSR1 stays Lightning's (``hpc_ckpt_N.ckpt``, requeue);
       ``ckpt_path=auto`` finds that checkpoint too.
     """
@@ -89,6 +98,8 @@ class PreemptionCheckpoint(Callback):
         self._previous: dict[int, Any] = {}
         stop_at = os.environ.get(PREEMPT_AT_STEP_ENV)
         self._stop_at = int(stop_at) if stop_at else None
+        signal_at = os.environ.get(SIGNAL_AT_BATCH_ENV)
+        self._signal_at = int(signal_at) if signal_at else None
 
     # ------------------------------------------------------------------ signal handlers
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -98,6 +109,10 @@ class PreemptionCheckpoint(Callback):
             if signum == signal.SIGUSR1 and _slurm_requeue(trainer):
                 continue
             self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for signum in self._previous:  # take the handlers back from Lightning's (see above)
             signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -114,6 +129,15 @@ class PreemptionCheckpoint(Callback):
         self._restore_handlers()
 
     # ------------------------------------------------------------------ the save
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._signal_at is None or not trainer.is_global_zero:
+            return
+        started = trainer.fit_loop.epoch_loop.batch_progress.total.started
+        if started == self._signal_at:  # `started` counts the batches begun before this one
+            os.kill(os.getpid(), signal.SIGTERM)
+
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
