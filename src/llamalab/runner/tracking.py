@@ -209,10 +209,8 @@ class WandbTracking(L.Callback):
         rows = pretrain_samples(
             trainer, pl_module, self.samples, self.prompt_tokens, self.new_tokens
         )
-        if not rows or not trainer.is_global_zero:
-            return
-        for logger in wandb_loggers(trainer):
-            logger.log_table(key="val/samples", columns=SAMPLE_COLUMNS, data=rows)
+        if rows and isinstance(pl_module, LlamaStage):
+            pl_module.log_table("val/samples", SAMPLE_COLUMNS, rows)  # rank 0 writes it
 
 
 def pretrain_samples(

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from llamalab.checkpoint.io import check_state_shapes
@@ -254,6 +255,21 @@ class LlamaStage(L.LightningModule):
             if "16" in precision
             else torch.float32
         )
+
+    # ------------------------------------------------------------------ W&B tables
+    def table_loggers(self) -> list[WandbLogger]:
+        """The W&B loggers this process may write tables to: every one on global rank 0, none
+        elsewhere (Lightning gives other ranks a dummy run) or without W&B."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return []
+        return [lg for lg in self.loggers if isinstance(lg, WandbLogger)]
+
+    def log_table(
+        self, key: str, columns: list[str], rows: list[list[Any]], step: int | None = None
+    ) -> None:
+        """A table of samples (``rows`` of ``columns``) in each W&B run, from rank 0 only."""
+        for logger in self.table_loggers():
+            logger.log_table(key=key, columns=columns, data=rows, step=step)
 
     def log_throughput(self, tokens: int, flops_per_token: float | None = None) -> None:
         """tokens/s, tokens seen and MFU for this optimizer step (all ranks together)."""

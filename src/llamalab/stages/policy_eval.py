@@ -163,13 +163,6 @@ def finish_evaluation(
     return metrics, records
 
 
-def table_logger(module: Any) -> Any | None:
-    """The first logger that takes tables (W&B), on rank 0; None elsewhere or without one."""
-    if not module.trainer.is_global_zero:
-        return None
-    return next((lg for lg in module.loggers if hasattr(lg, "log_table")), None)
-
-
 def rollout_table(
     iteration: int,
     tokenizer: Tokenizer,

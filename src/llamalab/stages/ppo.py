@@ -50,7 +50,6 @@ from llamalab.stages.policy_eval import (
     evaluate_batch,
     finish_evaluation,
     rollout_table,
-    table_logger,
 )
 from llamalab.stages.ppo_config import PPOConfig, derive_seed, kl_controller, trainer_overrides
 from llamalab.tokenizer import Tokenizer
@@ -190,11 +189,11 @@ class PPOStage(LlamaStage):
         self.log_throughput(tokens, self.iteration_flops(tokens / len(rollout)))
         self.log("train/reward", stats["train/reward_combined"], prog_bar=True, on_step=True)
         self.log("train/kl_ref", stats["train/kl"], prog_bar=True, on_step=True)
-        logger = table_logger(self)
-        if logger is not None and self.cfg.eval_every and self.iteration % self.cfg.eval_every == 0:
+        every = self.cfg.eval_every
+        if self.table_loggers() and every and self.iteration % every == 0:
             n, tok = self.cfg.log_samples, self.tokenizer
             rows = rollout_table(self.iteration, tok, batch["prompt_ids"], rollout, scores, n)
-            logger.log_table(key="train/samples", columns=ROLLOUT_COLUMNS, data=rows)
+            self.log_table("train/samples", ROLLOUT_COLUMNS, rows)
         self.iteration += 1
 
     def iteration_flops(self, mean_seq_len: float) -> float:
@@ -341,12 +340,11 @@ class PPOStage(LlamaStage):
         if not samples:
             return
         metrics, records = finish_evaluation(self, samples)
-        logger = table_logger(self)
-        if logger is not None:
+        if self.table_loggers():
             rows = eval_table(
                 self.iteration, self.tokenizer, samples, records, self.cfg.log_samples
             )
-            logger.log_table(key="eval/samples", columns=EVAL_COLUMNS, data=rows)
+            self.log_table("eval/samples", EVAL_COLUMNS, rows)
         self.track_early_stopping(metrics["reward"])
 
     def track_early_stopping(self, reward: float) -> None:

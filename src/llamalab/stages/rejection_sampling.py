@@ -276,13 +276,8 @@ class RejectionSamplingStage(SFTStage):
         }
         for logger in self.loggers:
             logger.log_metrics(stats, step=0)
-            if hasattr(logger, "log_table") and self.trainer.is_global_zero:
-                rows = [
-                    [c["index"], c["response"], c["reward"], c["mean_reward"]] for c in chosen[:16]
-                ]
-                logger.log_table(
-                    key="rs/best", columns=["index", "response", "reward", "mean_reward"], data=rows
-                )
+        rows = [[c["index"], c["response"], c["reward"], c["mean_reward"]] for c in chosen[:16]]
+        self.log_table("rs/best", ["index", "response", "reward", "mean_reward"], rows)
 
     # ------------------------------------------------------------------ held-out evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

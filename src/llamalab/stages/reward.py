@@ -352,11 +352,5 @@ class RewardStage(LlamaStage):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
         columns = ["prompt", "chosen", "rejected", "rating", "reward_difference"]
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                data = [[row[c] for c in columns] for row in rows]
-                logger.log_table(
-                    "val/wrong_pairs", columns=columns, data=data, step=self.global_step
-                )
+        data = [[row[c] for c in columns] for row in rows]
+        self.log_table("val/wrong_pairs", columns, data, step=self.global_step)

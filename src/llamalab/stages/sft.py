@@ -114,12 +114,8 @@ class SFTStage(LanguageModelStage):
     def publish_samples(self, rows: list[dict]) -> None:
         """W&B table `val/samples` (each WandbLogger) and `samples/epoch_N.jsonl` (appended:
         a mid-epoch validation adds its rows, tagged with the step)."""
-        from lightning.pytorch.loggers import WandbLogger
-
         data = [[row[c] for c in SAMPLE_COLUMNS] for row in rows]
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_table(key="val/samples", columns=SAMPLE_COLUMNS, data=data)
+        self.log_table("val/samples", SAMPLE_COLUMNS, data)
         folder = Path(self.trainer.default_root_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / f"epoch_{self.current_epoch}.jsonl", "a", encoding="utf-8") as f:
