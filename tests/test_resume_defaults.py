@@ -11,7 +11,9 @@ before the first periodic checkpoint (a real SIGTERM sent by this test), right a
 after a validation, in the middle of gradient accumulation, and at an epoch boundary (SFT).
 
 The default pretraining job validates and checkpoints every 50 steps, so 52 steps are the
-fewest that cross both; default SFT validates once per epoch (38 steps at ``tiny``).
+fewest that cross both; default SFT validates once per epoch (38 steps at ``tiny``). The runs
+with gradient accumulation are shorter (8-10 steps): they test stops inside an optimizer step,
+the longer runs the checkpoint, validation and epoch crossings.
 """
 
 from __future__ import annotations
@@ -145,18 +147,20 @@ def test_default_pretraining_resumes_exactly(
 def test_default_pretraining_with_accumulation_resumes_exactly(
     tmp_path: Path, cache_dir: Path
 ) -> None:
-    """``data.batch_size=8``: 2 micro-batches per step. A SIGTERM as micro-batch 6 starts (the
-    first half of step 4) is honoured after step 4; then stops at steps 50 and 51."""
-    overrides = [f"trainer.max_steps={PRETRAIN_STEPS}", "data.batch_size=8"]
+    """``data.batch_size=8``: 2 micro-batches per step. A real SIGTERM as micro-batch 6 starts
+    (the first half of step 4) is honoured after step 4, and one as micro-batch 13 starts (the
+    second half of step 7) after step 7. 10 steps: the checkpoint and validation crossings are
+    the test above's (each step here costs as much, and the suite's time is bounded)."""
+    overrides = ["trainer.max_steps=10", "data.batch_size=8"]
     reference = straight(overrides, cache_dir, tmp_path / "straight")
-    stops = [{SIGNAL_AT_BATCH_ENV: "6"}, {PREEMPT_AT_STEP_ENV: "50"}, {PREEMPT_AT_STEP_ENV: "51"}]
+    stops = [{SIGNAL_AT_BATCH_ENV: "6"}, {SIGNAL_AT_BATCH_ENV: "13"}]
     resumed = interrupted(overrides, cache_dir, stops, tmp_path / "resumed")
     assert_identical(weights(reference), weights(resumed))
 
 
 # ---------------------------------------------------------------------------- SFT
 def sft_overrides(init: Path, *extra: str) -> list[str]:
-    return ["stage=sft", f"stage.init={init}", f"trainer.max_steps={SFT_STEPS}", *extra]
+    return ["stage=sft", f"stage.init={init}", *extra]
 
 
 @pytest.mark.parametrize(
@@ -164,11 +168,15 @@ def sft_overrides(init: Path, *extra: str) -> list[str]:
     [
         # before any checkpoint, at the epoch's last step (validation follows), just after it
         (
-            (),
+            (f"trainer.max_steps={SFT_STEPS}",),
             [{PREEMPT_AT_STEP_ENV: "3"}, {PREEMPT_AT_STEP_ENV: "38"}, {PREEMPT_AT_STEP_ENV: "39"}],
         ),
-        # a real signal mid-accumulation (micro-batch 4 starts step 3), then the epoch boundary
-        (("data.batch_size=8",), [{SIGNAL_AT_BATCH_ENV: "4"}, {PREEMPT_AT_STEP_ENV: "38"}]),
+        # 2 micro-batches per step: real signals mid-accumulation (micro-batches 4 and 9 start
+        # the first and second halves of steps 3 and 5), 8 steps
+        (
+            ("trainer.max_steps=8", "data.batch_size=8"),
+            [{SIGNAL_AT_BATCH_ENV: "4"}, {SIGNAL_AT_BATCH_ENV: "9"}],
+        ),
     ],
     ids=["no_accumulation", "accumulation"],
 )
