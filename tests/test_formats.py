@@ -7,7 +7,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from _helpers_data import assistant, system, user, write_jsonl, write_parquet
+from helpers.data import assistant, system, user, write_jsonl, write_parquet
 
 from llamalab.data.errors import DataError
 from llamalab.data.formats import (

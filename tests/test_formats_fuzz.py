@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers_data import assistant, system, user, write_parquet
+from helpers.data import assistant, system, user, write_parquet
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
