@@ -213,17 +213,8 @@ def test_resume_under_zero3_continues_exactly(runs: dict[str, Path]) -> None:
 
 
 # ---------------------------------------------------------------------------- PPO
-def _prompt_data_ready() -> bool:
-    from llamalab.data.prompts import PromptDataModule
-
-    return hasattr(PromptDataModule, "load_tokenizer")
-
-
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _prompt_data_ready(), reason="PromptDataModule.load_tokenizer not there yet"
-)
 @pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp", "ddp"])
 def test_ppo_runs_on_two_processes(
     strategy: str, world: dict[str, str], tmp_path: Path, cache_dir: Path
