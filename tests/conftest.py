@@ -19,6 +19,15 @@ from llamalab.tokenizer import Tokenizer
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests are skipped, visibly, where there is no CUDA device."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
 @pytest.hookimpl(tryfirst=True, wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     """Record the running test before its fixtures (module- and session-scoped ones included) are
