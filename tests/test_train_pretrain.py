@@ -86,6 +86,7 @@ def test_empty_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -> 
     assert "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_tokenizer_vocabulary_mismatch_stops_before_training(
     tmp_path: Path, cache_dir: Path
 ) -> None:
