@@ -31,13 +31,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(tryfirst=True, wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     """Record the running test before its fixtures (module- and session-scoped ones included) are
-    built, so a fixture that runs ``src/train.py`` is checked against the test that needs it."""
-    helpers.current_item = item
-    return (yield)
+    built, so a fixture that runs ``src/train.py`` is checked against the test that needs it;
+    unset again after each phase."""
+    return (yield from _running(item))
 
 
 @pytest.hookimpl(tryfirst=True, wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    return (yield from _running(item))
+
+
+def _running(item: pytest.Item) -> Iterator[None]:
     helpers.current_item = item
     try:
         return (yield)
