@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint format typecheck install clean
+.PHONY: run test test-fast test-unit test-integration test-distributed lint format typecheck install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
+
+# The split of the suite by markers (README, "Tests").
+test-unit: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "not integration and not distributed"
+
+test-integration: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m "integration and not distributed"
+
+test-distributed: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m distributed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

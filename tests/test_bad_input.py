@@ -6,18 +6,14 @@ Parquet errors) and test_checkpoint.py (wrong shapes at the API level)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers_data import small_tokenizer
-from _helpers_rlhf import make_policy
-from helpers import REPO, TRAIN
+from helpers import run_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,14 +29,8 @@ QUICK = ["logger=none", "callbacks=none", "plan.check=false", "++trainer.limit_v
 def train(
     args: list[str], cache_dir: Path, full_error: bool = False
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "WANDB_MODE": "offline", "LLAMALAB_CACHE": str(cache_dir)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    if full_error:
-        env["HYDRA_FULL_ERROR"] = "1"
-    return subprocess.run(
-        [sys.executable, str(TRAIN), *QUICK, *args], capture_output=True, text=True, env=env,
-        cwd=REPO, timeout=600,
-    )  # fmt: skip
+    env = {"HYDRA_FULL_ERROR": "1"} if full_error else None
+    return run_train([*QUICK, *args], cache_dir, timeout=600, env=env)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
@@ -54,14 +44,13 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *fragments: str
 
 
 @pytest.fixture(scope="module")
-def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def policy(tiny_checkpoints: dict) -> Path:
     """A random tiny LM with the 512-piece tokenizer, as an SFT/reward ``stage.init``."""
-    return make_policy(
-        tmp_path_factory.mktemp("bad_input") / "policy", small_tokenizer(tmp_path_factory)
-    )
+    return tiny_checkpoints["sft"]
 
 
 # ---------------------------------------------------------------------------- checkpoints
+@pytest.mark.integration
 def test_init_weights_of_another_architecture_name_tensor_and_shapes(
     policy: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -95,6 +84,7 @@ def test_resume_checkpoint_tensor_shapes_are_checked_by_name() -> None:
         module.on_load_checkpoint({"state_dict": state})
 
 
+@pytest.mark.integration
 def test_resume_from_another_stage_and_missing_ckpt_path(
     policy: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -110,6 +100,7 @@ def test_resume_from_another_stage_and_missing_ckpt_path(
     assert_clean_error(result, f"ckpt_path={tmp_path / 'nope.ckpt'} does not exist")
 
 
+@pytest.mark.integration
 def test_stage_without_its_inputs_names_the_command_to_run_first(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -124,6 +115,7 @@ def test_stage_without_its_inputs_names_the_command_to_run_first(
 
 
 # ---------------------------------------------------------------------------- config and data
+@pytest.mark.integration
 def test_impossible_setting_is_refused_before_the_data_is_read(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -136,6 +128,7 @@ def test_impossible_setting_is_refused_before_the_data_is_read(
     )
 
 
+@pytest.mark.integration
 def test_hydra_full_error_shows_the_traceback(tmp_path: Path, cache_dir: Path) -> None:
     result = train(
         ["stage.nonfinite=ignore", f"paths.output_dir={tmp_path}"], cache_dir, full_error=True
@@ -143,6 +136,7 @@ def test_hydra_full_error_shows_the_traceback(tmp_path: Path, cache_dir: Path) -
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 
+@pytest.mark.integration
 def test_wrongly_typed_preference_field_names_file_line_and_field(
     policy: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -153,6 +147,7 @@ def test_wrongly_typed_preference_field_names_file_line_and_field(
     assert_clean_error(train([*base, f"data.path={bad}"], cache_dir), f"{bad}:2", "chosen")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("truncation", "counted"), [("drop", "'dropped': 3"), ("truncate", "'truncated': 3")]
 )

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers_data import small_tokenizer
+from helpers import run_train
 
 from llamalab.chat import (
     ChatError,
@@ -37,8 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):  # type: ignore[no-untyped-def]
-    return small_tokenizer(tmp_path_factory)
+def tok(small_tok):  # type: ignore[no-untyped-def]
+    return small_tok
 
 
 @pytest.fixture(scope="module")
@@ -227,17 +224,10 @@ def test_answer_prompts_batches_like_single_streams(model, tok) -> None:
 
 # ------------------------------------------------------------------------------ commands
 def _run(script: str, args: list[str], stdin: str = "", env: dict | None = None):  # type: ignore[no-untyped-def]
-    return subprocess.run(
-        [sys.executable, str(REPO / "src" / script), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-        timeout=300,
-    )
+    return run_train(args, None, timeout=300, env=env, script=REPO / "src" / script, stdin=stdin)
 
 
+@pytest.mark.integration
 def test_chat_command_with_piped_stdin(export: Path) -> None:
     root = export.parent.parent.parent  # outputs root: <root>/sft/latest -> run1
     result = _run(
@@ -250,11 +240,13 @@ def test_chat_command_with_piped_stdin(export: Path) -> None:
     assert result.stdout.strip()
 
 
+@pytest.mark.integration
 def test_chat_command_missing_model(tmp_path: Path) -> None:
     result = _run("chat.py", ["--model", str(tmp_path / "nope")], "hi\n")
     assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_generate_command_writes_one_record_per_prompt(export: Path, tmp_path: Path) -> None:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "one"}\n{"prompt": "two"}\n{"prompt": "three"}\n')
@@ -269,6 +261,7 @@ def test_generate_command_writes_one_record_per_prompt(export: Path, tmp_path: P
         assert 1 <= len(r["tokens"]) <= 5 and isinstance(r["finished"], bool)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_generate_command_compiled_gives_the_eager_greedy_answers(
     export: Path, tmp_path: Path

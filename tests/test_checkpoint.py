@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import lazy_import
 
 from llamalab.checkpoint import (
     CheckpointError,
@@ -32,7 +33,9 @@ from llamalab.checkpoint.hf import to_hf_state_dict
 from llamalab.checkpoint.meta import halves_to_interleaved, interleaved_to_halves
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
 
-transformers = pytest.importorskip("transformers")
+# Imported on first use by the tests that compare with transformers, not by the others; a dev
+# dependency, so without it those tests fail instead of the whole file being skipped (README).
+transformers = lazy_import("transformers")
 
 VOCAB = 128
 
@@ -436,7 +439,8 @@ def test_deepspeed_directory_is_consolidated_with_zero_to_fp32(tmp_path, monkeyp
     """Lightning's DeepSpeed layout (``latest`` + tag folder). The partitioned states are
     gathered by DeepSpeed's own ``zero_to_fp32``, stubbed here: a real ZeRO-3 checkpoint needs
     a DeepSpeed run (covered by the scale tests); this checks the detection and plumbing."""
-    zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
+    from deepspeed.utils import zero_to_fp32  # a core dependency: never skipped
+
     model = tiny_model(LlamaScalar)
     ckpt = lightning_checkpoint(model)
     root = tmp_path / "epoch=0-step=3.ckpt"

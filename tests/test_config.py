@@ -8,7 +8,8 @@ import pytest
 from helpers import CONFIGS, compose_config
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 from llamalab.model import LlamaConfig
 from llamalab.model.config import ConfigError
@@ -42,19 +43,28 @@ def test_default_job_is_tiny_pretraining() -> None:
     "paths", "debug", "experiment", "hparams_search",
 ])  # fmt: skip
 def test_every_option_of_every_group_composes_and_resolves(group: str) -> None:
-    if not options(group):
-        pytest.skip(f"no {group} options yet")
+    """Each option composes, every interpolation resolves, and the option is what the job runs:
+    the resolved job differs from the default job exactly when the option is not the default.
+    (hydra-optuna-sweeper is a dev dependency: without it this fails, it does not skip.)"""
+    assert options(group), f"configs/{group}/ has no options"
+    default = compose_config()
+    default_choice, default_job = default.hydra.runtime.choices[group], resolved_job(default)
     for option in options(group):
-        extra = ["hydra/sweeper=optuna"] if group == "hparams_search" else []
-        try:
-            cfg = compose_config([f"{group}='{option}'"])
-        except ConfigCompositionException as err:
-            if group == "hparams_search" and "sweeper" in str(err):
-                pytest.skip("hydra-optuna-sweeper is not installed")
-            raise
-        del extra
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        assert isinstance(resolved, dict)
+        cfg = compose_config([f"{group}='{option}'"])
+        assert cfg.hydra.runtime.choices[group] == option
+        assert (resolved_job(cfg) == default_job) == (option == default_choice), option
+        if group == "hparams_search":  # the override swaps in the Optuna sweeper and its space
+            assert cfg.hydra.sweeper._target_.endswith("optuna_sweeper.OptunaSweeper")
+            assert cfg.hydra.sweeper.direction == "minimize"
+            assert set(cfg.hydra.sweeper.params) == {"stage.optim.lr", "stage.optim.warmup_steps"}
+
+
+def resolved_job(cfg: DictConfig) -> dict:
+    """The resolved config without the hydra node (which records the overrides themselves)."""
+    job = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(job, dict)
+    job.pop("hydra")
+    return job
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -136,9 +146,14 @@ def test_gradient_accumulation_reaches_the_target_batch() -> None:
 @pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
 def test_loggers_instantiate_offline(logger: str, tmp_path: Path) -> None:
     cfg = compose_config([f"logger={logger}"], output_dir=tmp_path)
-    for lg_cfg in cfg.logger.values():
-        extra = {"offline": True} if logger == "wandb" else {}
-        assert instantiate(lg_cfg, **extra) is not None
+    (lg_cfg,) = cfg.logger.values()
+    extra = {"offline": True} if logger == "wandb" else {}
+    instance = instantiate(lg_cfg, **extra)
+    assert isinstance(instance, {"wandb": WandbLogger, "tensorboard": TensorBoardLogger}[logger])
+    assert Path(instance.save_dir).is_relative_to(tmp_path)  # logs land in the run directory
+    if logger == "wandb":
+        assert instance._offline and instance._project == "llamalab"
+        assert instance._wandb_init["name"] == "pretrain-tiny-mha-s1234"
 
 
 def test_callbacks_instantiate(tmp_path: Path) -> None:

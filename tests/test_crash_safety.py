@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from helpers import TRAIN
+from helpers import launch_train
 from torch.utils.data import DataLoader, TensorDataset
 
 from llamalab.runner.callbacks import Preempted, PreemptionCheckpoint, RNGStateCheckpoint
@@ -63,20 +62,7 @@ def test_checkpoint_io_writes_a_loadable_file_and_is_used_for_single_file_strate
 def _launch(
     args: list[str], cache_dir: Path, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
-    full_env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "LLAMALAB_CACHE": str(cache_dir),
-        **(env or {}),
-    }
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(
-        [sys.executable, str(TRAIN), *args],
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    return launch_train(args, cache_dir, env)
 
 
 def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:  # type: ignore[no-untyped-def]
@@ -92,6 +78,7 @@ def _wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None: 
         time.sleep(0.02)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(
     tmp_path: Path, cache_dir: Path
@@ -134,6 +121,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sigterm_saves_stops_and_the_next_launch_resumes(tmp_path: Path, cache_dir: Path) -> None:
     run = tmp_path / "run"

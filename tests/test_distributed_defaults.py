@@ -14,7 +14,6 @@ latest`` is checked too.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,10 @@ import torch
 from helpers import run_train
 
 from llamalab.checkpoint import load_model
+from llamalab.runner.callbacks import PREEMPT_AT_STEP_ENV
 from llamalab.runner.tracking import read_offline_run
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-EXT_DIR = str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions")
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.distributed]
 
 
 def two_processes(strategy: str) -> list[str]:
@@ -35,8 +33,7 @@ def two_processes(strategy: str) -> list[str]:
 
 def launch(root: Path, cache_dir: Path, *args: str) -> Path:
     """``python src/train.py ARGS paths.outputs_root=ROOT``; returns the stage's ``latest``."""
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR)}
-    result = run_train([*args, f"paths.outputs_root={root}"], cache_dir, timeout=900, env=env)
+    result = run_train([*args, f"paths.outputs_root={root}"], cache_dir, timeout=900)
     output = result.stdout[-3000:] + result.stderr[-5000:]
     assert result.returncode == 0, output
     assert "Traceback" not in result.stderr, output  # no rank crashed, even one that was waited on
@@ -102,18 +99,13 @@ def test_default_pretraining_resumes_exactly_under_zero3(tmp_path: Path, cache_d
     """Issue 21 under ``strategy=deepspeed_zero3`` on 2 processes: stopped after step 3 (before
     the first periodic checkpoint, the case that used to resume into the next epoch's order),
     resumed with ``ckpt_path=last``, the export equals the straight run's bit for bit."""
-    from llamalab.runner.callbacks import PREEMPT_AT_STEP_ENV
-
     args = [*two_processes("deepspeed_zero3"), "trainer.max_steps=6"]
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR)}
     a, b = tmp_path / "straight", tmp_path / "resumed"
-    result = run_train([*args, f"paths.output_dir={a}"], cache_dir, env=env)
+    result = run_train([*args, f"paths.output_dir={a}"], cache_dir)
     assert result.returncode == 0, result.stderr[-5000:]
-    result = run_train(
-        [*args, f"paths.output_dir={b}"], cache_dir, env={**env, PREEMPT_AT_STEP_ENV: "3"}
-    )
+    result = run_train([*args, f"paths.output_dir={b}"], cache_dir, env={PREEMPT_AT_STEP_ENV: "3"})
     assert result.returncode == 143, result.stderr[-5000:]
-    result = run_train([*args, f"paths.output_dir={b}", "ckpt_path=last"], cache_dir, env=env)
+    result = run_train([*args, f"paths.output_dir={b}", "ckpt_path=last"], cache_dir)
     assert result.returncode == 0, result.stderr[-5000:]
     wa, wb = load_model(a / "export").state_dict(), load_model(b / "export").state_dict()
     assert wa.keys() == wb.keys()

@@ -171,6 +171,7 @@ def test_attention_ablation_sweeps_attention_by_seed(tmp_path: Path) -> None:
     assert cfg.stage.run_name == "attention_ablation" and "attention_ablation" in cfg.tags
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_config_runs_a_couple_of_steps(
@@ -186,6 +187,7 @@ def test_every_experiment_config_runs_a_couple_of_steps(
     assert (run_dir / "export" / "config.json").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_optuna_search_two_trials_in_memory(tmp_path: Path, cache_dir: Path) -> None:
     outputs = tmp_path / "outputs"

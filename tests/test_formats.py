@@ -7,7 +7,7 @@ import pickle
 from pathlib import Path
 
 import pytest
-from _helpers_data import assistant, system, user, write_jsonl, write_parquet
+from helpers.data import assistant, system, user, write_jsonl, write_parquet
 
 from llamalab.data.errors import DataError
 from llamalab.data.formats import (
@@ -98,7 +98,8 @@ def test_sft_file_round_trip(tmp_path: Path, kind: str):
 
 
 def test_sft_datasets_round_trip(tmp_path: Path):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a core dependency: imported here, never skipped
+
     rows = [{"messages": DIALOG}, {"messages": [user("q"), assistant("a")]}]
     expected = [normalize_sft(r) for r in rows]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
@@ -115,7 +116,8 @@ def test_sft_datasets_round_trip(tmp_path: Path):
 
 
 def test_sft_load_dataset_on_local_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a core dependency: imported here, never skipped
+
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     (tmp_path / "raw").mkdir()
     write_jsonl(tmp_path / "raw" / "train.jsonl", SFT_ROWS[1:3])

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _helpers_data import assistant, system, user, write_parquet
+from helpers.data import assistant, system, user, write_parquet
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -166,7 +166,8 @@ def test_corruption_loads_or_raises_data_error_naming_the_file(case):
 
 @pytest.mark.parametrize("corruption", ["drop_state", "truncate_arrow", "empty_arrow"])
 def test_corrupt_saved_dataset_raises_data_error(tmp_path: Path, corruption: str):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a core dependency: imported here, never skipped
+
     datasets.Dataset.from_list(ROWS["sft_pairs"][1]).save_to_disk(str(tmp_path / "saved"))
     arrow = next((tmp_path / "saved").glob("*.arrow"))
     if corruption == "drop_state":

@@ -63,6 +63,7 @@ def test_unknown_mode_is_refused() -> None:
         PretrainStage(arch=ARCH, optim=OPTIM, nonfinite="ignore")
 
 
+@pytest.mark.integration
 def test_nan_stops_the_run_naming_step_stage_and_last_good_checkpoint(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -77,6 +78,7 @@ def test_nan_stops_the_run_naming_step_stage_and_last_good_checkpoint(
     assert torch.load(last, weights_only=False)["global_step"] == 1  # preserved and loadable
 
 
+@pytest.mark.integration
 def test_skip_mode_counts_skipped_batches_and_finishes(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(
         [*EXPLODING, "stage.nonfinite=skip", f"paths.output_dir={tmp_path}"], cache_dir

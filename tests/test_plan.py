@@ -11,6 +11,8 @@ import tracemalloc
 import pytest
 import torch
 import torch.nn.functional as F
+from deepspeed.runtime.zero import stage3 as ds_stage3
+from deepspeed.runtime.zero import stage_1_and_2 as ds_stage12
 
 from llamalab.model import KVCache, Llama, LlamaConfig, LlamaScalar
 from llamalab.scale.memory import (
@@ -103,10 +105,6 @@ def test_stage_models_roles_and_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---- layer sizes and ZeRO parity ---------------------------------------------------------------
-ds_stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
-ds_stage12 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
-
-
 @pytest.mark.parametrize(
     "cfg",
     [TINY_GQA, LlamaConfig(dim=64, n_layers=2, n_heads=4, vocab_size=32, multiple_of=32)],

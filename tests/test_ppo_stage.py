@@ -8,14 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_rlhf import (
-    make_policy,
-    make_reward_model,
-    read_metrics,
-    run_train,
-    series,
-    tiny_config,
-)
+from helpers import run_train
+from helpers.rlhf import read_metrics, series, tiny_config
 
 from llamalab.checkpoint import CheckpointError, save_hf
 from llamalab.generation import GenerationOutput, sample_responses
@@ -31,17 +25,12 @@ from llamalab.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 512-piece tokenizer, a random tiny policy and a good-token reward model."""
-    from _helpers_data import small_tokenizer
-
-    root = tmp_path_factory.mktemp("ppo_world")
-    tokenizer = small_tokenizer(tmp_path_factory)
+def world(tiny_checkpoints: dict) -> dict[str, Path]:
+    """A 512-piece tokenizer, a random tiny policy and a good-token reward model (conftest)."""
     return {
-        "root": root,
-        "tokenizer": Path(tokenizer.model_path),
-        "sft": make_policy(root / "sft", tokenizer),
-        "rm": make_reward_model(root / "rm", tokenizer),
+        "tokenizer": Path(tiny_checkpoints["tokenizer"].model_path),
+        "sft": tiny_checkpoints["sft"],
+        "rm": tiny_checkpoints["rm"],
     }
 
 
@@ -325,6 +314,7 @@ def test_missing_inputs_are_found_before_anything_is_built(
     assert "reward_safety" not in message  # that one exists
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_missing_inputs_stop_at_once_naming_the_command(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(
@@ -345,6 +335,7 @@ def test_missing_inputs_stop_at_once_naming_the_command(tmp_path: Path, cache_di
     assert "Traceback" not in message
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_few_iterations_log_everything_and_export_the_actor(
     world: dict[str, Path], tmp_path: Path, cache_dir: Path
@@ -398,11 +389,12 @@ def test_a_few_iterations_log_everything_and_export_the_actor(
     assert not any(k.startswith(("reference.", "rm_")) for k in ckpt["state_dict"])
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_reward_rises_while_kl_stays_bounded(
     world: dict[str, Path], tmp_path: Path, cache_dir: Path
 ) -> None:
-    """20 iterations against the good-token reward model (see _helpers_rlhf): its raw score
+    """20 iterations against the good-token reward model (see helpers.rlhf): its raw score
     (the sigmoid saturates near 1 for this model) must rise clearly, the KL stay bounded."""
     out = tmp_path / "run"
     result = run_train(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_data import assistant, small_tokenizer, system, user, write_jsonl
+from helpers.data import assistant, system, user, write_jsonl
 
 from llamalab.data.errors import DataError
 from llamalab.data.labels import RATINGS
@@ -29,8 +29,8 @@ RECORD = {
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return small_tokenizer(tmp_path_factory)
+def tokenizer(small_tok: Tokenizer) -> Tokenizer:
+    return small_tok
 
 
 def test_encode_preference_is_the_full_dialog_ending_with_eos(tokenizer: Tokenizer):
@@ -41,7 +41,7 @@ def test_encode_preference_is_the_full_dialog_ending_with_eos(tokenizer: Tokeniz
     prompt = tokenizer.encode_dialog(RECORD["prompt"])
     assert chosen[: len(prompt)] == prompt == rejected[: len(prompt)]
     assert encode_preference(tokenizer, RECORD, max_len=len(chosen) - 1) is None
-    assert encode_preference(tokenizer, RECORD, max_len=len(chosen)) is not None
+    assert encode_preference(tokenizer, RECORD, max_len=len(chosen)) == (chosen, rejected)
     items, dropped = encode_preference_records(tokenizer, [RECORD, {**RECORD, "rating": None}], 500)
     assert dropped == 0 and [i["rating"] for i in items] == [RATINGS.index("better"), -1]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_rlhf import make_policy, make_reward_model, read_metrics, run_train, series
+from helpers import run_train
+from helpers.rlhf import read_metrics, series
 
 from llamalab.checkpoint import load_model
 from llamalab.rlhf import IGNORE_INDEX
@@ -23,16 +24,8 @@ from llamalab.stages.rejection_sampling_data import RejectionSamplingDataModule
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    from _helpers_data import small_tokenizer
-
-    root = tmp_path_factory.mktemp("rs_world")
-    tokenizer = small_tokenizer(tmp_path_factory)
-    return {
-        "tokenizer": tokenizer,
-        "sft": make_policy(root / "sft", tokenizer),
-        "rm": make_reward_model(root / "rm", tokenizer),
-    }
+def world(tiny_checkpoints: dict) -> dict[str, object]:
+    return tiny_checkpoints
 
 
 def dialog(user: str, answer: str, reward: float) -> dict[str, object]:
@@ -109,6 +102,7 @@ def test_chosen_dialogs_become_sft_batches(world: dict[str, object]) -> None:
     assert len(data.prompt_items("train")) == 8
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_a_short_run_samples_chooses_and_fine_tunes(
     world: dict[str, object], tmp_path: Path, cache_dir: Path

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _helpers_data import small_tokenizer
-from _helpers_rlhf import make_policy, make_reward_model
 from helpers import run_train
 from safetensors.torch import load_file
 
@@ -78,23 +76,20 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
 
 
 @pytest.fixture(scope="module")
-def tiny_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 512-piece tokenizer, a random tiny policy (the SFT / reward / PPO init) and a reward
-    model (critic and both RMs), written with save_hf in milliseconds."""
-    tokenizer = small_tokenizer(tmp_path_factory)
-    root = tmp_path_factory.mktemp("resume_inputs")
-    return {
-        "policy": make_policy(root / "policy", tokenizer),
-        "rm": make_reward_model(root / "rm", tokenizer),
-    }
+def tiny_inputs(tiny_checkpoints: dict) -> dict[str, Path]:
+    """A random tiny policy (the SFT / reward / PPO init) and a reward model (critic and both
+    RMs), with the 512-piece tokenizer: conftest's ``tiny_checkpoints``."""
+    return {"policy": tiny_checkpoints["sft"], "rm": tiny_checkpoints["rm"]}
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_pretraining_resumes_bit_identically(tmp_path: Path, cache_dir: Path) -> None:
     a, b = straight_and_resumed(tmp_path, cache_dir, PRETRAIN, stop_at=2)
     assert_identical(a, b)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sft_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_inputs) -> None:
     overrides = [
@@ -106,6 +101,7 @@ def test_sft_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_input
     assert_identical(a, b)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_reward_model_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_inputs) -> None:
     overrides = [
@@ -117,6 +113,7 @@ def test_reward_model_resumes_bit_identically(tmp_path: Path, cache_dir: Path, t
     assert_identical(a, b)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_ppo_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_inputs) -> None:
     """Actor weights after 3 iterations equal those of 1 iteration + preemption + 2 more: the

@@ -18,21 +18,18 @@ the longer runs the checkpoint, validation and epoch crossings.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TRAIN, run_train
+from helpers import launch_train, run_train
 from safetensors.torch import load_file
 
 from llamalab.runner.callbacks import PREEMPT_AT_STEP_ENV, SIGNAL_AT_BATCH_ENV
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PRETRAIN_STEPS = 52  # default job: validation and periodic checkpoint at step 50
 SFT_STEPS = 40  # default SFT at tiny: 38 steps per epoch, validation at each epoch's end
@@ -50,28 +47,10 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
     )
 
 
-def train_env(cache_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "LLAMALAB_CACHE": str(cache_dir),
-        "PYTHONUNBUFFERED": "1",
-        **(extra or {}),
-    }
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
-
-
 def sigterm_once_training(overrides: list[str], cache_dir: Path, delay: float = 2.0) -> str:
     """Start ``train.py``, send it a real SIGTERM shortly after the model summary is printed
     (the signal handlers are installed by then), and wait for it to stop."""
-    proc = subprocess.Popen(
-        [sys.executable, str(TRAIN), *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=train_env(cache_dir),
-    )
+    proc = launch_train(overrides, cache_dir)
     assert proc.stdout is not None
     seen: list[str] = []
     for line in proc.stdout:

@@ -301,6 +301,7 @@ def reward_overrides(tmp: Path, init: Path, rm: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_reward_run_through_train_py(tmp_path, lm_checkpoint, cache_dir, tokenizer):
     overrides = [
@@ -328,6 +329,7 @@ def test_reward_run_through_train_py(tmp_path, lm_checkpoint, cache_dir, tokeniz
     assert (hf - ours).abs().max() <= 1e-4
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_missing_rejected_field_stops_before_the_model(tmp_path, lm_checkpoint, cache_dir):
     good = {"prompt": "How do I sort a list?", "chosen": "Use sorted().", "rejected": "No."}

@@ -4,34 +4,23 @@ schema of results.json (the full demo's numbers are in experiments/rlhf_demo/REA
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _helpers_rlhf import REPO, train_env
+from helpers import REPO, run_train
 
 POLICIES = ("sft", "rejection_sampling", "ppo")
+pytestmark = [pytest.mark.integration]
 
 
 @pytest.mark.slow
 def test_quick_demo_writes_results_for_every_policy(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "experiments" / "rlhf_demo" / "run.py"),
-            "--out",
-            str(out),
-            "--seed",
-            "3",
-            "--quick",
-        ],
-        cwd=REPO,
-        env=train_env(cache_dir),
-        capture_output=True,
-        text=True,
+    result = run_train(
+        ["--out", str(out), "--seed", "3", "--quick"],
+        cache_dir,
         timeout=1500,
+        script=REPO / "experiments" / "rlhf_demo" / "run.py",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_data import assistant, small_tokenizer, system, user, write_jsonl
+from helpers.data import assistant, system, user, write_jsonl
 
 from llamalab.data.errors import DataError
 from llamalab.data.labels import IGNORE_INDEX
@@ -32,8 +32,8 @@ DIALOG = [
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return small_tokenizer(tmp_path_factory)
+def tokenizer(small_tok: Tokenizer) -> Tokenizer:
+    return small_tok
 
 
 def _labelled(example: dict) -> list[int]:

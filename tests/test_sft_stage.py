@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _helpers_data import small_tokenizer
+from helpers import run_train
+from helpers.data import small_tokenizer
 
 from llamalab.data.labels import IGNORE_INDEX
 from llamalab.data.sft import SFTDataModule, pack_examples, pad_batch
@@ -181,15 +180,7 @@ def test_sft_stage_rejects_bad_sampling_settings(tmp_path_factory) -> None:
 
 # ------------------------------------------------------------------------- through src/train.py
 def _train(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLAMALAB_CACHE": str(cache), "WANDB_MODE": "offline"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "src" / "train.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_train(args, cache, timeout=timeout)
 
 
 QUICK = ["logger=none", "callbacks=none", "plan.check=false", "++trainer.limit_val_batches=1"]
@@ -216,6 +207,7 @@ def sft_root(pretrained_root: Path, cache_dir: Path) -> Path:
     return pretrained_root
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sft_run_exports_a_transformers_model(sft_root: Path) -> None:
     from transformers import AutoModelForCausalLM
@@ -231,6 +223,7 @@ def test_sft_run_exports_a_transformers_model(sft_root: Path) -> None:
     assert out.shape[1] > 4 and (out[:, :4] == prompt).all()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_sft_with_gatt_trains_end_to_end(
     pretrained_root: Path, cache_dir: Path, tmp_path: Path
@@ -245,6 +238,7 @@ def test_sft_with_gatt_trains_end_to_end(
     assert "gatt: true" in result.stdout  # the printed config: the option reached the data
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_malformed_sft_line_stops_with_file_and_line(
     pretrained_root: Path, cache_dir: Path, tmp_path: Path

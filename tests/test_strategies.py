@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers_rlhf import make_policy, make_reward_model
 from helpers import compose_config
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
@@ -36,15 +35,8 @@ STRATEGIES = [
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from _helpers_data import small_tokenizer
-
-    root = tmp_path_factory.mktemp("strategies")
-    tokenizer = small_tokenizer(tmp_path_factory)
-    return {
-        "sft": make_policy(root / "sft", tokenizer),
-        "rm": make_reward_model(root / "rm", tokenizer),
-    }
+def world(tiny_checkpoints: dict) -> dict[str, Path]:
+    return tiny_checkpoints
 
 
 # ---------------------------------------------------------------------------- configs

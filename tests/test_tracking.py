@@ -104,6 +104,7 @@ def test_reader_reassembles_records_across_blocks(tmp_path: Path) -> None:
         list(wandb_records(path))
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_offline_multirun_is_one_group_with_metrics_config_and_tables(
     tmp_path: Path, cache_dir: Path

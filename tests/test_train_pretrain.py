@@ -19,6 +19,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.integration
 def test_short_pretraining_run_writes_export_latest_and_logs(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -43,6 +44,7 @@ def test_short_pretraining_run_writes_export_latest_and_logs(
     assert out.shape == (1, 8)
 
 
+@pytest.mark.integration
 def test_resolved_output_dir_override(tmp_path: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "my_run"
     result = run_train([*QUICK, f"paths.output_dir={run_dir}", "debug=fast_dev_run"], cache_dir)
@@ -50,6 +52,7 @@ def test_resolved_output_dir_override(tmp_path: Path, cache_dir: Path) -> None:
     assert (run_dir / "export" / "model.safetensors").exists()
 
 
+@pytest.mark.integration
 def test_dry_run_prints_plan_and_writes_json_without_allocating(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -62,6 +65,7 @@ def test_dry_run_prints_plan_and_writes_json_without_allocating(
     assert plan["total_params"] == 2 * 68_976_648_192 + 3 * 68_714_512_384
 
 
+@pytest.mark.integration
 def test_missing_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -> None:
     missing = tmp_path / "nope.txt"
     result = run_train(
@@ -71,6 +75,7 @@ def test_missing_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -
     assert str(missing) in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_empty_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -> None:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
@@ -81,6 +86,7 @@ def test_empty_data_path_is_one_clear_error(tmp_path: Path, cache_dir: Path) -> 
     assert "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 def test_tokenizer_vocabulary_mismatch_stops_before_training(
     tmp_path: Path, cache_dir: Path
 ) -> None:
@@ -98,12 +104,14 @@ def test_tokenizer_vocabulary_mismatch_stops_before_training(
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+@pytest.mark.integration
 def test_unknown_config_value_fails_with_hydra_message(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(["model=tinyy", f"paths.output_dir={tmp_path}"], cache_dir)
     assert result.returncode == 1
     assert "tinyy" in result.stderr and "Available options" in result.stderr
 
 
+@pytest.mark.integration
 def test_impossible_architecture_stops_before_any_compute(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(["model.n_kv_heads=3", f"paths.output_dir={tmp_path}"], cache_dir)
     assert result.returncode == 1
@@ -111,6 +119,7 @@ def test_impossible_architecture_stops_before_any_compute(tmp_path: Path, cache_
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_pretraining_lowers_validation_perplexity(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(
@@ -130,6 +139,7 @@ def test_pretraining_lowers_validation_perplexity(tmp_path: Path, cache_dir: Pat
     assert all(math.isfinite(p) for p in ppl)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_attention_sweep_launches_three_runs(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from _helpers_rlhf import make_policy, make_reward_model, tiny_config
+from helpers import run_train
+from helpers.rlhf import tiny_config
 
 from llamalab.checkpoint import load_model
 from llamalab.model import Llama
@@ -77,15 +78,11 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    from _helpers_data import small_tokenizer
-
-    root = tmp_path_factory.mktemp("z3_world")
-    tokenizer = small_tokenizer(tmp_path_factory)
+def world(tiny_checkpoints: dict) -> dict[str, str]:
     return {
-        "tokenizer": str(tokenizer.model_path),
-        "sft": str(make_policy(root / "sft", tokenizer)),
-        "rm": str(make_reward_model(root / "rm", tokenizer)),
+        "tokenizer": str(tiny_checkpoints["tokenizer"].model_path),
+        "sft": str(tiny_checkpoints["sft"]),
+        "rm": str(tiny_checkpoints["rm"]),
     }
 
 
@@ -138,10 +135,7 @@ def test_gathered_and_per_layer_generation_agree_with_a_plain_model(
 
 # ---------------------------------------------------------------------------- src/train.py runs
 def train(args: list[str], cache: Path, timeout: int = 600) -> None:
-    from helpers import run_train
-
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", EXT_DIR)}
-    proc = run_train(args, cache, timeout=timeout, env=env)
+    proc = run_train(args, cache, timeout=timeout)  # TORCH_EXTENSIONS_DIR: helpers.train_env
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
@@ -191,6 +185,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str,
     return r
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_one_step_loss_matches_the_single_process_run(runs: dict[str, Path]) -> None:
     single = first_loss(runs["single"])
@@ -198,6 +193,7 @@ def test_one_step_loss_matches_the_single_process_run(runs: dict[str, Path]) -> 
         assert first_loss(runs[name]) == pytest.approx(single, rel=1e-5), name
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_consolidated_export_equals_the_weights_in_the_shards(runs: dict[str, Path]) -> None:
     zero3_last = runs["zero3"] / "checkpoints" / "step000002.ckpt"
@@ -208,6 +204,7 @@ def test_consolidated_export_equals_the_weights_in_the_shards(runs: dict[str, Pa
     same_weights(fsdp_last, runs["fsdp"] / "export")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_resume_under_zero3_continues_exactly(runs: dict[str, Path]) -> None:
     same_weights(runs["resumed"] / "export", runs["zero3"] / "export")
@@ -216,16 +213,8 @@ def test_resume_under_zero3_continues_exactly(runs: dict[str, Path]) -> None:
 
 
 # ---------------------------------------------------------------------------- PPO
-def _prompt_data_ready() -> bool:
-    from llamalab.data.prompts import PromptDataModule
-
-    return hasattr(PromptDataModule, "load_tokenizer")
-
-
+@pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _prompt_data_ready(), reason="PromptDataModule.load_tokenizer not there yet"
-)
 @pytest.mark.parametrize("strategy", ["deepspeed_zero3", "fsdp", "ddp"])
 def test_ppo_runs_on_two_processes(
     strategy: str, world: dict[str, str], tmp_path: Path, cache_dir: Path

@@ -10,9 +10,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +18,6 @@ import torch
 from llamalab.checkpoint import save_hf
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
 from llamalab.tokenizer import Tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(vocab_size: int) -> LlamaConfig:
@@ -66,24 +61,6 @@ def make_reward_model(path: Path, tokenizer: Tokenizer, scale: float = 2.0) -> P
     model.score.weight[0, 1] = scale
     save_hf(model, tokenizer, path)
     return path
-
-
-def train_env(cache: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(WANDB_MODE="offline", LLAMALAB_CACHE=str(cache), PYTHONHASHSEED="0")
-    return env
-
-
-def run_train(overrides: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``python src/train.py OVERRIDES`` in a subprocess (the user's command)."""
-    return subprocess.run(
-        [sys.executable, str(REPO / "src" / "train.py"), *overrides],
-        cwd=REPO,
-        env=train_env(cache),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

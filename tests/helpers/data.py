@@ -1,4 +1,5 @@
-"""Shared by the data tests: a small tokenizer trained once per session, and file writers."""
+"""Shared by the data tests: a small tokenizer trained once per session (also the ``small_tok``
+fixture of conftest.py), and file writers."""
 
 from __future__ import annotations
 
