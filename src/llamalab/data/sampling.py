@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from llamalab.data.base import StageDataModule
+from llamalab.data.errors import DataError
 from llamalab.tokenizer import Tokenizer
 
 
@@ -202,8 +203,6 @@ class ResumableDataModule(StageDataModule):
     def load_tokenizer(self) -> Tokenizer:
         """The tokenizer (the entry point checks it against the model before building it)."""
         if self._tokenizer is None and self.tokenizer_path is None:
-            from llamalab.data.errors import DataError
-
             raise DataError(
                 "no tokenizer: the checkpoint in stage.init has no tokenizer.model next to it; "
                 "pass data.tokenizer_path=PATH/tokenizer.model"

@@ -273,7 +273,7 @@ class OfflineRun:
 
 def wandb_records(path: str | Path) -> Iterator[Any]:
     """The protobuf records of a ``.wandb`` file, in write order."""
-    from wandb.proto import wandb_internal_pb2 as pb  # optional: wandb, only to read runs back
+    from wandb.proto import wandb_internal_pb2 as pb  # lazy: heavy, only to read runs back
 
     data = Path(path).read_bytes()
     if not data.startswith(_FILE_HEADER):

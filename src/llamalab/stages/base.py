@@ -19,9 +19,23 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
+from llamalab.checkpoint import load_backbone_into, load_model, load_state_into, save_hf
 from llamalab.checkpoint.io import check_state_shapes
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
+from llamalab.model.config import ConfigError
 from llamalab.optim import build_adamw, param_groups, warmup_cosine_scheduler
+from llamalab.perf import measure_peak_flops
+from llamalab.scale.build import (
+    LazyState,
+    build,
+    load_weights,
+    module_sharding,
+    stage_device,
+    stage_mesh,
+)
+from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks
+from llamalab.scale.zero_gen import generation_model
+from llamalab.tokenizer import Tokenizer
 
 
 class NonFiniteError(RuntimeError):
@@ -64,8 +78,6 @@ class LlamaStage(L.LightningModule):
     ) -> None:
         super().__init__()
         if unused:  # a typo in a stage key must not pass silently
-            from llamalab.model.config import ConfigError
-
             raise ConfigError(
                 f"unknown stage setting(s) {sorted(unused)} for {type(self).__name__} "
                 f"(stage={name}); check the spelling against configs/stage/{name}.yaml"
@@ -93,8 +105,6 @@ class LlamaStage(L.LightningModule):
     def build_model(self) -> nn.Module:
         """The stage's model, initialised; sharded from birth under ZeRO-3 / FSDP
         (:mod:`llamalab.scale.build`)."""
-        from llamalab.scale.build import build, module_sharding, stage_device, stage_mesh
-
         mode = module_sharding(self)
         if mode != "none":
             return build(
@@ -114,15 +124,11 @@ class LlamaStage(L.LightningModule):
         model = self.export_model() if model is None else model
         if self._trainer is None or not self.sharded:
             return contextlib.nullcontext(model)
-        from llamalab.scale.zero_gen import generation_model
-
         return generation_model(model, self.trainer.strategy, how)
 
     @property
     def sharded(self) -> bool:
         """True under ZeRO-3 or FSDP: parameters are partitioned across ranks."""
-        from llamalab.scale.build import module_sharding
-
         return module_sharding(self) != "none"
 
     def load_init(self, model: nn.Module) -> None:
@@ -130,14 +136,10 @@ class LlamaStage(L.LightningModule):
         but the head)."""
         if not self.init_path:
             return
-        from llamalab.scale.build import LazyState, load_weights, module_sharding
-
         mode = module_sharding(self)
         if mode != "none":  # ZeRO-3 / FSDP: one module (or shard) at a time
             load_weights(model, LazyState(self.init_path), mode, f"stage.init={self.init_path}")
             return
-        from llamalab.checkpoint import load_backbone_into, load_model, load_state_into
-
         source = load_model(self.init_path)
         state = source.state_dict()
         if isinstance(model, LlamaScalar) and not isinstance(source, LlamaScalar):
@@ -155,8 +157,6 @@ class LlamaStage(L.LightningModule):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Activation checkpointing and compile, applied from outside the model file."""
-        from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks
-
         if self.hparams["activation_checkpointing"]:
             apply_activation_checkpointing(model)
         if self.hparams["compile"]:
@@ -239,8 +239,6 @@ class LlamaStage(L.LightningModule):
     def peak_flops(self) -> float | None:
         if self._peak_flops is None:
             try:
-                from llamalab.perf import measure_peak_flops
-
                 self._peak_flops = measure_peak_flops(self.dtype_for_peak(), self.device)
             except Exception:
                 self._peak_flops = float("nan")
@@ -313,9 +311,6 @@ class LlamaStage(L.LightningModule):
     def export(self, path: str | Path, model: nn.Module | None = None) -> Path:
         """Write the Hugging Face directory (config.json + safetensors + tokenizer) of ``model``
         (default :meth:`export_model`; a sharded run passes the consolidated copy)."""
-        from llamalab.checkpoint import save_hf
-        from llamalab.tokenizer import Tokenizer
-
         tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         model = self.export_model() if model is None else model
         model = getattr(model, "_orig_mod", model)
