@@ -162,7 +162,7 @@ class TrainOrder:
 
 def _trainer_batches_this_epoch(trainer: Any) -> int | None:
     """Training batches processed in the current epoch, or None outside `trainer.fit`."""
-    if trainer is None or getattr(trainer.state, "fn", None) != "fit":
+    if trainer is None or trainer.state.fn != "fit":
         return None
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 

@@ -221,7 +221,7 @@ def pretrain_samples(
     windows."""
     if n <= 0 or not isinstance(pl_module, LlamaStage) or not pl_module.continuation_samples:
         return []
-    datamodule = getattr(trainer, "datamodule", None)  # None: fit on plain dataloaders
+    datamodule = pl_module.datamodule  # None: fit on plain dataloaders
     if not isinstance(datamodule, PretrainDataModule):
         return []
     val_set, tokenizer, model = datamodule.val_set, datamodule.tokenizer, pl_module.model

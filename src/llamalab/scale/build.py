@@ -59,7 +59,7 @@ def sharding_mode(strategy: Any) -> str:
 
 def module_sharding(module: Any) -> str:
     """The sharding mode of a LightningModule's trainer (``"none"`` without a trainer)."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = module._trainer
     return "none" if trainer is None else sharding_mode(trainer.strategy)
 
 

@@ -16,11 +16,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from llamalab.checkpoint import load_backbone_into, load_model, load_state_into, save_hf
 from llamalab.checkpoint.io import check_state_shapes
+from llamalab.data.base import StageDataModule
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
 from llamalab.model.config import ConfigError
 from llamalab.optim import build_adamw, param_groups, warmup_cosine_scheduler
@@ -95,6 +97,13 @@ class LlamaStage(L.LightningModule):
         self._step_t0: float | None = None
         self._peak_flops: float | None = None
         self.tokens_seen = 0
+
+    @property
+    def datamodule(self) -> StageDataModule | None:
+        """The trainer's datamodule (the runner checks it is a ``StageDataModule``); None when
+        fitting on plain dataloaders. Lightning sets ``trainer.datamodule`` on every trainer but
+        does not declare it."""
+        return self.trainer.datamodule  # type: ignore[attr-defined]
 
     def trainer_overrides(self, trainer_cfg: Any) -> dict[str, Any]:
         """Trainer settings this stage needs on top of ``trainer=`` (the runner applies them
@@ -216,12 +225,10 @@ class LlamaStage(L.LightningModule):
         )
 
     def last_checkpoint(self) -> str | None:
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None:
+        cb = self._trainer.checkpoint_callback if self._trainer is not None else None
+        if not isinstance(cb, ModelCheckpoint):
             return None
-        cb = trainer.checkpoint_callback
-        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
-        return path or None
+        return cb.last_model_path or cb.best_model_path or None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm (before clipping) and refuse a non-finite one."""
@@ -245,7 +252,7 @@ class LlamaStage(L.LightningModule):
         return self._peak_flops
 
     def dtype_for_peak(self) -> torch.dtype:
-        precision = str(getattr(self.trainer, "precision", "32"))
+        precision = str(self.trainer.precision)
         return (
             torch.bfloat16
             if "bf16" in precision
@@ -297,7 +304,7 @@ class LlamaStage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" in checkpoint:  # another architecture: name the tensor and both shapes
-            source = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
+            source = self._trainer.ckpt_path if self._trainer else None
             check_state_shapes(self, checkpoint["state_dict"], str(source or "being resumed"))
         meta = checkpoint.get("llamalab", {})
         self.tokens_seen = int(meta.get("tokens_seen", 0))
