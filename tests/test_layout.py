@@ -1,5 +1,5 @@
 """The package layout (issue 14): no import cycle in src/llamalab (counting the imports inside
-functions), imports at the top of the runner's files, every module importable, no long modules."""
+functions), imports at the top of every file, every module importable, no long modules."""
 
 from __future__ import annotations
 
@@ -12,9 +12,22 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llamalab"
 MAX_LINES = 400
-# Optional heavy dependencies, the only imports allowed inside functions (each with a reason).
-OPTIONAL = ("deepspeed", "wandb", "transformers", "matplotlib", "optuna")
-TOP_LEVEL_ONLY = ("llamalab.pipeline", "llamalab.runner")  # packages held to that rule here
+# The only imports allowed inside functions, each with a `# lazy: <reason>` comment: optional
+# heavy dependencies, and two torch submodules that `import torch` does not load and that cost
+# about a second each (Inductor's config: only a compiled decode; distributed checkpoints: only
+# loading one, which chat / generate / score should not pay for).
+LAZY = (
+    "deepspeed",
+    "wandb",
+    "transformers",
+    "matplotlib",
+    "optuna",
+    "datasets",
+    "pyarrow",
+    "torch._inductor",
+    "torch.distributed.checkpoint",
+)
+REASON = "# lazy:"
 
 
 def modules() -> dict[str, Path]:
@@ -115,20 +128,61 @@ def test_no_import_cycle_in_the_package() -> None:
     assert cycles(import_graph()) == []
 
 
-def test_runner_and_pipeline_import_at_the_top() -> None:
-    """Imports inside functions only for optional heavy dependencies, each with its reason."""
+def is_lazy_allowed(target: str) -> bool:
+    return any(target == name or target.startswith(name + ".") for name in LAZY)
+
+
+def has_reason(lines: list[str], node: ast.stmt) -> bool:
+    """A ``# lazy:`` comment on the import's own lines or in the comment just above it (above a
+    group of consecutive imports: the one comment covers the group)."""
+    end = node.end_lineno or node.lineno
+    if any(REASON in line for line in lines[node.lineno - 1 : end]):
+        return True
+    above = ("import ", "from ", "#")  # the group's other imports, a comment's other lines
+    i = node.lineno - 2
+    while i >= 0 and lines[i].strip().startswith(above) and REASON not in lines[i]:
+        i -= 1
+    return i >= 0 and REASON in lines[i]
+
+
+def function_level_imports(path: Path, name: str) -> list[str]:
+    """The imports inside functions of one file that break the rule."""
+    lines = path.read_text().splitlines()
     bad = []
-    for name, path in modules().items():
-        if not name.startswith(TOP_LEVEL_ONLY):
+    for target, node, inside in imported_names(path, name):
+        if not inside:
             continue
-        lines = path.read_text().splitlines()
-        for target, node, inside in imported_names(path, name):
-            if not inside or target.split(".")[0] not in OPTIONAL:
-                if inside:
-                    bad.append(f"{name}:{node.lineno} imports {target} inside a function")
-                continue
-            if "#" not in lines[node.lineno - 1]:
-                bad.append(f"{name}:{node.lineno} imports {target} without a reason")
+        if not is_lazy_allowed(target):
+            bad.append(f"{name}:{node.lineno} imports {target} inside a function")
+        elif not has_reason(lines, node):
+            bad.append(f"{name}:{node.lineno} imports {target} lazily without a '{REASON}' reason")
+    return list(dict.fromkeys(bad))  # in line order, without repeats
+
+
+def test_the_import_rule_finds_a_function_level_import(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "import os\n"
+        "def f():\n"
+        "    import json\n"
+        "    import wandb\n"
+        "    # lazy: heavy\n"
+        "    import deepspeed\n"
+        "    import deepspeed.zero\n"
+        "    import pyarrow  # lazy: heavy\n"
+        "    import torch.distributed.checkpoint  # lazy: heavy\n"
+        "    import torch.distributed.tensor  # lazy: not allowed\n"
+    )
+    assert function_level_imports(source, "m") == [
+        "m:3 imports json inside a function",
+        "m:4 imports wandb lazily without a '# lazy:' reason",
+        "m:10 imports torch.distributed.tensor inside a function",
+    ]
+
+
+def test_imports_sit_at_the_top() -> None:
+    """Imports inside functions only for the heavy dependencies in LAZY, each with its reason."""
+    bad = [line for name, path in modules().items() for line in function_level_imports(path, name)]
     assert bad == []
 
 

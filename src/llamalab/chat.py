@@ -18,6 +18,10 @@ from typing import Any, TextIO
 import torch
 
 from llamalab import generation, pipeline
+from llamalab.checkpoint import load_model
+from llamalab.data.errors import DataError
+from llamalab.data.formats import load_prompt_records
+from llamalab.data.sources import FILE_SUFFIXES
 from llamalab.model import Llama
 from llamalab.model.kv_cache import KVCache
 from llamalab.tokenizer import DialogError, Message, Tokenizer
@@ -77,8 +81,6 @@ def load_chat_model(
 ) -> tuple[Llama, Tokenizer]:
     """Any checkpoint `llamalab.checkpoint.load_model` reads (None = `default_model_path()`),
     in eval mode, with its tokenizer (found next to it unless given)."""
-    from llamalab.checkpoint import load_model
-
     path = Path(model_path) if model_path is not None else default_model_path()
     model = load_model(path, device=device)
     if not isinstance(model, Llama):
@@ -280,15 +282,10 @@ def read_prompts(path: str | Path, system: str | None = None) -> list[tuple[Any,
     Alpaca `instruction` (`llamalab.data.formats`; a bad line stops with its file and line).
     Any other file: one prompt per non-empty line. `system` is added where none is given.
     """
-    from llamalab.data.formats import load_prompt_records
-    from llamalab.data.sources import FILE_SUFFIXES
-
     source = Path(path)
     if source.suffix in FILE_SUFFIXES or source.is_dir():
         messages_list = [record["prompt"] for record in load_prompt_records(source)]
     else:
-        from llamalab.data.errors import DataError
-
         if not source.is_file():
             raise DataError("no such file", path=str(source))
         text = source.read_text(encoding="utf-8")

@@ -92,7 +92,7 @@ def wandb_runs(
     so they read like the CSV rows.
     """
     if api is None:
-        import wandb
+        import wandb  # lazy: heavy (~1 s), only the online W&B API needs it
 
         api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
@@ -245,10 +245,10 @@ def plot_curves(
 ) -> Path:
     """Mean curve of ``y`` against ``x`` per group (config key ``by``), with the min-max band over
     the group's runs (its seeds); writes a PNG unless drawing into a given ``ax``."""
-    import matplotlib
+    import matplotlib  # lazy: optional (dev extra) and heavy, only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above, after the Agg backend is chosen
 
     fig = None
     if ax is None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from llamalab.model.config import LlamaConfig
+from llamalab.model.linear import ONEDNN_AVAILABLE, onednn_product
 
 
 def matmul_params(config: LlamaConfig, head: str = "lm") -> int:
@@ -144,11 +145,8 @@ def measure_peak_flops(
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     kernels = [lambda: torch.mm(a, b)]
-    if device.type == "cpu" and dtype == torch.float32:
-        from llamalab.model.linear import ONEDNN_AVAILABLE, onednn_product
-
-        if ONEDNN_AVAILABLE:
-            kernels.append(lambda: onednn_product(a, b))
+    if device.type == "cpu" and dtype == torch.float32 and ONEDNN_AVAILABLE:
+        kernels.append(lambda: onednn_product(a, b))
     best = 0.0
     for kernel in kernels:
         kernel()

@@ -116,6 +116,7 @@ def load_deepspeed(
     writing a file); our ``llamalab`` entry is in the client state of the model-states file.
     The consolidated model must fit in CPU memory.
     """
+    # lazy: deepspeed is an optional heavy dependency, only ZeRO checkpoints need it
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root = Path(path)
@@ -139,6 +140,8 @@ def load_distributed(
     Only the ``state_dict`` entry is read (optimizer shards are skipped), in this process, as
     ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` does.
     """
+    # lazy: torch.distributed.checkpoint costs ~0.8 s (Lightning does not load it), only
+    # distributed checkpoints need it; chat, generate and score load models without it
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict

@@ -8,7 +8,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 
-from llamalab.tokenizer import Tokenizer
+from llamalab.tokenizer import Message, Tokenizer
 
 
 class StageDataModule(LightningDataModule):
@@ -22,12 +22,18 @@ class StageDataModule(LightningDataModule):
 
     After ``setup``, ``tokenizer`` is the same tokenizer. Datamodules of normalised records
     (prompts, dialogs, preference pairs) also give :meth:`records`: a batch's ``index`` points
-    into ``records(split)``.
+    into ``records(split)``. The stages call :meth:`records` (the held-out evaluation's judge)
+    and :meth:`val_prompts` (SFT's validation samples).
     """
 
     def load_tokenizer(self) -> Tokenizer:
         """The tokenizer this data is encoded with."""
         raise NotImplementedError(f"{type(self).__name__} must implement load_tokenizer()")
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer the batches are encoded with, once ``setup`` has run."""
+        raise NotImplementedError(f"{type(self).__name__} must implement tokenizer")
 
     def validate(self) -> dict[str, Any]:
         """Load and check everything now; a summary (default: nothing to check ahead)."""
@@ -36,3 +42,8 @@ class StageDataModule(LightningDataModule):
     def records(self, split: str) -> list[dict[str, Any]]:
         """The normalised records of ``"train"`` or ``"val"``."""
         raise NotImplementedError(f"{type(self).__name__} has no records (token windows only)")
+
+    def val_prompts(self) -> list[list[Message]]:
+        """Held-out dialogs cut before their last answer, answered at each validation (SFT's
+        samples); none by default."""
+        return []

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 
+from llamalab.data.builtin import builtin_preferences
 from llamalab.data.errors import DataError
 from llamalab.data.formats import Record, load_preference_records, normalize_preference
 from llamalab.data.labels import parse_rating
@@ -165,8 +166,6 @@ class PreferenceDataModule(ResumableDataModule):
 
     def _load(self) -> dict[str, list[Record]]:
         if self.path is None:
-            from llamalab.data.builtin import builtin_preferences
-
             n = self.builtin_size
             train = builtin_preferences(self.kind, "train", self.seed, n)
             val = builtin_preferences(self.kind, "validation", self.seed)

@@ -196,13 +196,18 @@ class PretrainDataModule(StageDataModule):
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.num_workers, self.seed = num_workers, seed
-        self.tokenizer: Tokenizer | None = None
+        self._tokenizer: Tokenizer | None = None
         self.cache: TokenCache | None = None
         self.train_set: PackedTokenDataset | None = None
         self.val_set: PackedTokenDataset | None = None
         self._resume: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- preparation
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer loaded by ``setup`` (None before)."""
+        return self._tokenizer
+
     def load_tokenizer(self) -> Tokenizer:
         """The tokenizer this module uses (trains the built-in one if not cached yet)."""
         if self.tokenizer_path is not None:
@@ -234,8 +239,8 @@ class PretrainDataModule(StageDataModule):
         """Load the tokenizer and token cache (reused: built by ``prepare_data``) and split."""
         if self.train_set is not None:
             return
-        self.tokenizer = self.load_tokenizer()
-        self.cache = self._build_cache(self.tokenizer)
+        self._tokenizer = self.load_tokenizer()
+        self.cache = self._build_cache(self._tokenizer)
         train, val = split_windows(self.cache.n_tokens, self.seq_len, self.val_fraction)
         tokens = self.cache.tokens
         self.train_set = PackedTokenDataset(tokens, self.seq_len, train.start, train.stop)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from llamalab.data.builtin import builtin_prompts
 from llamalab.data.errors import DataError
 from llamalab.data.formats import Record, load_prompt_records, normalize_prompt
 from llamalab.data.sampling import ResumableDataModule, holdout_split
@@ -109,8 +110,6 @@ class PromptDataModule(ResumableDataModule):
 
     def _load(self) -> dict[str, list[Record]]:
         if self.path is None:
-            from llamalab.data.builtin import builtin_prompts
-
             loaded: dict[str, list[Record]] = {}
             for split, name in (("train", "train"), ("val", "validation")):
                 rows = [

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from llamalab.data.base import StageDataModule
+from llamalab.data.errors import DataError
 from llamalab.tokenizer import Tokenizer
 
 
@@ -161,7 +162,7 @@ class TrainOrder:
 
 def _trainer_batches_this_epoch(trainer: Any) -> int | None:
     """Training batches processed in the current epoch, or None outside `trainer.fit`."""
-    if trainer is None or getattr(trainer.state, "fn", None) != "fit":
+    if trainer is None or trainer.state.fn != "fit":
         return None
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
@@ -202,8 +203,6 @@ class ResumableDataModule(StageDataModule):
     def load_tokenizer(self) -> Tokenizer:
         """The tokenizer (the entry point checks it against the model before building it)."""
         if self._tokenizer is None and self.tokenizer_path is None:
-            from llamalab.data.errors import DataError
-
             raise DataError(
                 "no tokenizer: the checkpoint in stage.init has no tokenizer.model next to it; "
                 "pass data.tokenizer_path=PATH/tokenizer.model"

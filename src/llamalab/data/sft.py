@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import torch
 
+from llamalab.data.builtin import builtin_gatt, builtin_sft
 from llamalab.data.errors import DataError
 from llamalab.data.formats import Record, load_sft_records, normalize_sft
 from llamalab.data.labels import IGNORE_INDEX
@@ -290,8 +291,6 @@ class SFTDataModule(ResumableDataModule):
         """Validated, normalised records of `path` or of the built-in sets."""
         if self.path is not None:
             return load_sft_records(self.path)
-        from llamalab.data.builtin import builtin_gatt, builtin_sft
-
         size = {} if self.builtin_size is None else {"n": self.builtin_size}
         raw = builtin_sft(self.seed, **size)
         if self.gatt:

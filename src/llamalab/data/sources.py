@@ -153,8 +153,9 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _rows_parquet(path: Path) -> Iterator[tuple[str, int, Row]]:
+    # lazy: pyarrow is heavy (~0.3 s), only Parquet files need it
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: as above
 
     name = str(path)
     number = 0
@@ -184,7 +185,7 @@ def _rows_hf(spec: str) -> Iterator[tuple[str, int, Row]]:
     if Path(name).is_dir() and _is_saved_dataset(Path(name)):
         yield from _rows_dataset(_load_saved(Path(name), split, spec), spec)
         return
-    import datasets
+    import datasets  # lazy: heavy (~1 s), only hf:NAME sources need it
 
     try:
         dataset = datasets.load_dataset(name, split=split or "train")
@@ -194,7 +195,7 @@ def _rows_hf(spec: str) -> Iterator[tuple[str, int, Row]]:
 
 
 def _load_saved(path: Path, split: str | None, spec: str) -> Any:
-    import datasets
+    import datasets  # lazy: heavy (~1 s), only saved `datasets` directories need it
 
     try:
         loaded = datasets.load_from_disk(str(path))
@@ -210,7 +211,7 @@ def _load_saved(path: Path, split: str | None, spec: str) -> Any:
 
 
 def _rows_dataset(dataset: Any, spec: str) -> Iterator[tuple[str, int, Row]]:
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: heavy (~0.3 s); a `datasets` source, which loaded it already
 
     number = 0
     try:

@@ -21,6 +21,7 @@ import sys
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from pydoc_data.topics import topics
 
 # Modules never imported: they act on import, need a display, or are slow/noisy to import.
 _SKIP_PREFIXES = (
@@ -170,8 +171,6 @@ def _collect_entries() -> tuple[DocEntry, ...]:
 @functools.lru_cache(maxsize=1)
 def pydoc_topics() -> tuple[DocEntry, ...]:
     """The help topics of ``pydoc_data.topics`` (the language reference's prose)."""
-    from pydoc_data.topics import topics
-
     return tuple(DocEntry(name, "topic", text.strip()) for name, text in sorted(topics.items()))
 
 

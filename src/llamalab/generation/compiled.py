@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llamalab.model.linear import frozen_weights
 from llamalab.model.llama import Llama, TransformerBlock, rotate_half
 
 LENGTH_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer recompilations)
@@ -161,9 +162,8 @@ class CompiledDecoder:
     def compiling() -> Any:
         """Context for calling the step: Inductor freezing on (constant weights), and the linear
         layers traced as raw oneDNN products on those constants (``frozen_weights``)."""
+        # lazy: importing Inductor's config costs ~1 s, only a compiled decode needs it
         import torch._inductor.config as inductor_config
-
-        from llamalab.model.linear import frozen_weights
 
         stack = contextlib.ExitStack()
         stack.enter_context(inductor_config.patch(freezing=True))

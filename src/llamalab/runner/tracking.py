@@ -221,7 +221,7 @@ def pretrain_samples(
     windows."""
     if n <= 0 or not isinstance(pl_module, LlamaStage) or not pl_module.continuation_samples:
         return []
-    datamodule = getattr(trainer, "datamodule", None)  # None: fit on plain dataloaders
+    datamodule = pl_module.datamodule  # None: fit on plain dataloaders
     if not isinstance(datamodule, PretrainDataModule):
         return []
     val_set, tokenizer, model = datamodule.val_set, datamodule.tokenizer, pl_module.model
@@ -273,7 +273,7 @@ class OfflineRun:
 
 def wandb_records(path: str | Path) -> Iterator[Any]:
     """The protobuf records of a ``.wandb`` file, in write order."""
-    from wandb.proto import wandb_internal_pb2 as pb  # optional: wandb, only to read runs back
+    from wandb.proto import wandb_internal_pb2 as pb  # lazy: heavy, only to read runs back
 
     data = Path(path).read_bytes()
     if not data.startswith(_FILE_HEADER):

@@ -32,7 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llamalab.checkpoint import CheckpointError, load_backbone_into, load_model
 from llamalab.checkpoint.hf import from_hf_name, head_from_config
@@ -55,7 +59,7 @@ def sharding_mode(strategy: Any) -> str:
 
 def module_sharding(module: Any) -> str:
     """The sharding mode of a LightningModule's trainer (``"none"`` without a trainer)."""
-    trainer = getattr(module, "_trainer", None)
+    trainer = module._trainer
     return "none" if trainer is None else sharding_mode(trainer.strategy)
 
 
@@ -77,8 +81,6 @@ def full_numel(p: torch.Tensor) -> int:
 def is_rank_zero() -> bool:
     """Rank 0 of the process group, or of the launch (``RANK`` / ``LOCAL_RANK``) before the
     group exists; True in a single process."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return dist.get_rank() == 0
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
@@ -103,7 +105,7 @@ def gathered(module: nn.Module, mode: str, modifier_rank: int | None = 0) -> Ite
     if mode != "zero3":
         yield
         return
-    import deepspeed  # type: ignore[import-not-found]
+    import deepspeed  # type: ignore[import-not-found]  # lazy: optional heavy dependency (ZeRO-3)
 
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=modifier_rank):
         yield
@@ -113,7 +115,7 @@ def gathered(module: nn.Module, mode: str, modifier_rank: int | None = 0) -> Ite
 def outside_zero_init() -> Iterator[None]:
     """Suspend an active ``deepspeed.zero.Init`` (modules built here stay whole, e.g. a
     checkpoint read into CPU memory by the fallback loader)."""
-    try:
+    try:  # lazy: deepspeed is an optional heavy dependency
         from deepspeed.runtime.zero import (
             partition_parameters as pp,  # type: ignore[import-not-found]
         )
@@ -133,8 +135,6 @@ def outside_zero_init() -> Iterator[None]:
 # ---------------------------------------------------------------------------- building
 def shard_fsdp(model: nn.Module, mesh: Any) -> nn.Module:
     """``fully_shard`` each TransformerBlock, then the root (the embedding, norm and head)."""
-    from torch.distributed.fsdp import fully_shard
-
     for block in model.layers:  # type: ignore[union-attr]
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -204,8 +204,6 @@ class LazyState(Mapping[str, torch.Tensor]):
             self.head = "scalar" if isinstance(model, LlamaScalar) else "lm"
 
     def _open_safetensors(self, root: Path) -> bool:
-        from safetensors import safe_open
-
         files = sorted(root.glob("*.safetensors"))
         for file in files:
             handle = safe_open(str(file), framework="pt", device="cpu")
@@ -264,8 +262,6 @@ def _expected(model: nn.Module, state: LazyState, source: str) -> set[str]:
 def copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter: into its local shard when it is an FSDP2 DTensor
     (cut on this rank, no communication), else in full (a gathered ZeRO-3 or plain parameter)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
     if isinstance(param, DTensor):
         local = distribute_tensor(
             tensor.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None

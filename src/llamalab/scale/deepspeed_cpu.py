@@ -74,6 +74,7 @@ class LlamaDeepSpeedStrategy(DeepSpeedStrategy):
 
 def cpu_adam_like(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """DeepSpeed's CPU AdamW with ``optimizer``'s parameter groups and hyperparameters."""
+    # lazy: deepspeed is an optional heavy dependency, only CPU-offloaded ZeRO needs it
     from deepspeed.ops.adam import DeepSpeedCPUAdam  # type: ignore[import-not-found]
 
     defaults = optimizer.defaults

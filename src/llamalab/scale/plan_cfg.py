@@ -11,13 +11,12 @@ from omegaconf import DictConfig
 from llamalab import pipeline
 from llamalab.model import LlamaConfig
 from llamalab.scale.plan import Plan, PlanError, make_plan
+from llamalab.scale.strategies import devices_per_node, num_nodes, world_size
 
 
 def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str]) -> Plan:
     stage = cfg.stage
-    devices = cfg.trainer.get("devices", 1)
-    devices = devices if isinstance(devices, int) and devices > 0 else 1
-    world = devices * int(cfg.trainer.get("num_nodes", 1) or 1)
+    world = world_size(cfg)
     micro_batch = int(cfg.data.get("batch_size", 1))
     rollout_batch = micro_batch
     seq_len = int(cfg.data.get("seq_len") or cfg.data.get("max_len") or arch.max_seq_len)
@@ -32,8 +31,8 @@ def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str])
         stage=stage.name,
         strategy=cfg.strategy.get("name", "auto"),
         precision=str(cfg.trainer.get("precision", "32")),
-        devices=devices,
-        num_nodes=int(cfg.trainer.get("num_nodes", 1) or 1),
+        devices=devices_per_node(cfg),
+        num_nodes=num_nodes(cfg),
         micro_batch=micro_batch,
         seq_len=seq_len,
         activation_checkpointing=bool(stage.get("activation_checkpointing", False)),
@@ -76,8 +75,7 @@ def check_machine(plan: Plan, cfg: DictConfig) -> None:
     needed: Any = plan.total_bytes_per_gpu
     if kind == "cpu":
         # CPU processes: every local rank lives in the same RAM.
-        devices = cfg.trainer.get("devices", 1)
-        needed = needed * (devices if isinstance(devices, int) and devices > 0 else 1)
+        needed = needed * devices_per_node(cfg)
     if needed > available:
         raise PlanError(
             f"{plan.render()}\nthis {kind} machine has {available / 2**30:.1f} GiB; the plan "

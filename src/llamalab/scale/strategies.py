@@ -14,12 +14,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 
+def devices_per_node(cfg: DictConfig) -> int:
+    """``trainer.devices`` when it is a count, else 1 (``auto``, a list of ids)."""
+    devices = cfg.trainer.get("devices", 1)
+    return devices if isinstance(devices, int) and devices > 0 else 1
+
+
+def num_nodes(cfg: DictConfig) -> int:
+    return int(cfg.trainer.get("num_nodes", 1) or 1)
+
+
 def world_size(cfg: DictConfig | None) -> int:
+    """Processes of the run: devices per node x nodes (1 without a config)."""
     if cfg is None:
         return 1
-    devices = cfg.trainer.get("devices", 1)
-    n = devices if isinstance(devices, int) and devices > 0 else 1
-    return n * int(cfg.trainer.get("num_nodes", 1) or 1)
+    return devices_per_node(cfg) * num_nodes(cfg)
 
 
 def build_strategy(strategy_cfg: DictConfig, cfg: DictConfig | None = None) -> Any:

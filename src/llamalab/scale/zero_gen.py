@@ -20,12 +20,14 @@ batch, generate, free them. Here:
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llamalab.scale.build import (
     full_numel,
@@ -42,8 +44,6 @@ GATHER_MODES = ("auto", "always", "never")
 # ---------------------------------------------------------------------------- the gathered copy
 def unit_state(unit: nn.Module, prefix: str, mode: str, keep: bool) -> dict[str, torch.Tensor]:
     """One unit's whole parameters (a collective in both sharded modes), cloned when ``keep``."""
-    from torch.distributed.tensor import DTensor
-
     out: dict[str, torch.Tensor] = {}
     with gathered(unit, mode, modifier_rank=None):
         for name, p in unit.named_parameters():
@@ -135,8 +135,6 @@ def free_memory_bytes() -> int:
         return int(torch.cuda.mem_get_info()[0])
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    import os
-
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     return info.get("MemAvailable", info["MemTotal"]) // max(1, local)
 

@@ -16,12 +16,28 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
+from llamalab.checkpoint import load_backbone_into, load_model, load_state_into, save_hf
 from llamalab.checkpoint.io import check_state_shapes
+from llamalab.data.base import StageDataModule
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
+from llamalab.model.config import ConfigError
 from llamalab.optim import build_adamw, param_groups, warmup_cosine_scheduler
+from llamalab.perf import measure_peak_flops
+from llamalab.scale.build import (
+    LazyState,
+    build,
+    load_weights,
+    module_sharding,
+    stage_device,
+    stage_mesh,
+)
+from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks
+from llamalab.scale.zero_gen import generation_model
+from llamalab.tokenizer import Tokenizer
 
 
 class NonFiniteError(RuntimeError):
@@ -64,8 +80,6 @@ class LlamaStage(L.LightningModule):
     ) -> None:
         super().__init__()
         if unused:  # a typo in a stage key must not pass silently
-            from llamalab.model.config import ConfigError
-
             raise ConfigError(
                 f"unknown stage setting(s) {sorted(unused)} for {type(self).__name__} "
                 f"(stage={name}); check the spelling against configs/stage/{name}.yaml"
@@ -84,6 +98,13 @@ class LlamaStage(L.LightningModule):
         self._peak_flops: float | None = None
         self.tokens_seen = 0
 
+    @property
+    def datamodule(self) -> StageDataModule | None:
+        """The trainer's datamodule (the runner checks it is a ``StageDataModule``); None when
+        fitting on plain dataloaders. Lightning sets ``trainer.datamodule`` on every trainer but
+        does not declare it."""
+        return self.trainer.datamodule  # type: ignore[attr-defined]
+
     def trainer_overrides(self, trainer_cfg: Any) -> dict[str, Any]:
         """Trainer settings this stage needs on top of ``trainer=`` (the runner applies them
         last); none by default (PPO: ``max_steps`` from its iterations, its evaluation)."""
@@ -93,8 +114,6 @@ class LlamaStage(L.LightningModule):
     def build_model(self) -> nn.Module:
         """The stage's model, initialised; sharded from birth under ZeRO-3 / FSDP
         (:mod:`llamalab.scale.build`)."""
-        from llamalab.scale.build import build, module_sharding, stage_device, stage_mesh
-
         mode = module_sharding(self)
         if mode != "none":
             return build(
@@ -114,15 +133,11 @@ class LlamaStage(L.LightningModule):
         model = self.export_model() if model is None else model
         if self._trainer is None or not self.sharded:
             return contextlib.nullcontext(model)
-        from llamalab.scale.zero_gen import generation_model
-
         return generation_model(model, self.trainer.strategy, how)
 
     @property
     def sharded(self) -> bool:
         """True under ZeRO-3 or FSDP: parameters are partitioned across ranks."""
-        from llamalab.scale.build import module_sharding
-
         return module_sharding(self) != "none"
 
     def load_init(self, model: nn.Module) -> None:
@@ -130,14 +145,10 @@ class LlamaStage(L.LightningModule):
         but the head)."""
         if not self.init_path:
             return
-        from llamalab.scale.build import LazyState, load_weights, module_sharding
-
         mode = module_sharding(self)
         if mode != "none":  # ZeRO-3 / FSDP: one module (or shard) at a time
             load_weights(model, LazyState(self.init_path), mode, f"stage.init={self.init_path}")
             return
-        from llamalab.checkpoint import load_backbone_into, load_model, load_state_into
-
         source = load_model(self.init_path)
         state = source.state_dict()
         if isinstance(model, LlamaScalar) and not isinstance(source, LlamaScalar):
@@ -155,8 +166,6 @@ class LlamaStage(L.LightningModule):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Activation checkpointing and compile, applied from outside the model file."""
-        from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks
-
         if self.hparams["activation_checkpointing"]:
             apply_activation_checkpointing(model)
         if self.hparams["compile"]:
@@ -216,12 +225,10 @@ class LlamaStage(L.LightningModule):
         )
 
     def last_checkpoint(self) -> str | None:
-        trainer = getattr(self, "_trainer", None)
-        if trainer is None:
+        cb = self._trainer.checkpoint_callback if self._trainer is not None else None
+        if not isinstance(cb, ModelCheckpoint):
             return None
-        cb = trainer.checkpoint_callback
-        path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
-        return path or None
+        return cb.last_model_path or cb.best_model_path or None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the gradient norm (before clipping) and refuse a non-finite one."""
@@ -239,15 +246,13 @@ class LlamaStage(L.LightningModule):
     def peak_flops(self) -> float | None:
         if self._peak_flops is None:
             try:
-                from llamalab.perf import measure_peak_flops
-
                 self._peak_flops = measure_peak_flops(self.dtype_for_peak(), self.device)
             except Exception:
                 self._peak_flops = float("nan")
         return self._peak_flops
 
     def dtype_for_peak(self) -> torch.dtype:
-        precision = str(getattr(self.trainer, "precision", "32"))
+        precision = str(self.trainer.precision)
         return (
             torch.bfloat16
             if "bf16" in precision
@@ -299,7 +304,7 @@ class LlamaStage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "state_dict" in checkpoint:  # another architecture: name the tensor and both shapes
-            source = getattr(self._trainer, "ckpt_path", None) if self._trainer else None
+            source = self._trainer.ckpt_path if self._trainer else None
             check_state_shapes(self, checkpoint["state_dict"], str(source or "being resumed"))
         meta = checkpoint.get("llamalab", {})
         self.tokens_seen = int(meta.get("tokens_seen", 0))
@@ -313,9 +318,6 @@ class LlamaStage(L.LightningModule):
     def export(self, path: str | Path, model: nn.Module | None = None) -> Path:
         """Write the Hugging Face directory (config.json + safetensors + tokenizer) of ``model``
         (default :meth:`export_model`; a sharded run passes the consolidated copy)."""
-        from llamalab.checkpoint import save_hf
-        from llamalab.tokenizer import Tokenizer
-
         tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         model = self.export_model() if model is None else model
         model = getattr(model, "_orig_mod", model)

@@ -145,8 +145,8 @@ def summarize(
 # ---------------------------------------------------------------------------- in a stage
 def held_out_records(trainer: Any, indices: list[int]) -> list[dict[str, Any]] | None:
     """The held-out prompt records (for the ground-truth judge), when the data has them."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is None or not hasattr(datamodule, "records"):
+    datamodule = trainer.datamodule
+    if datamodule is None:  # fit on plain dataloaders
         return None
     records = datamodule.records("val")
     return [records[i] for i in indices]

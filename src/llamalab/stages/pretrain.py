@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torchmetrics import MeanMetric
 
+from llamalab import perf
 from llamalab.rlhf.losses import lm_loss
 from llamalab.stages.base import LlamaStage
 
@@ -34,11 +35,7 @@ class LanguageModelStage(LlamaStage):
         )
 
     def flops_per_token(self, seq_len: int) -> float | None:
-        try:
-            from llamalab.perf import flops_per_token
-        except ImportError:
-            return None
-        return flops_per_token(self.arch, seq_len, training=True)
+        return perf.flops_per_token(self.arch, seq_len, training=True)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         logits = self.forward_batch(batch)

@@ -130,7 +130,7 @@ def zero3_init(strategy: Any) -> Any:
     """``deepspeed.zero.Init`` with the strategy's ZeRO settings, usable in ``setup``: Lightning's
     ``model_sharded_context`` would complete the DeepSpeed config from the training batches,
     which exist only once the answers are chosen."""
-    import deepspeed  # optional heavy dependency: only under a DeepSpeed strategy
+    import deepspeed  # lazy: optional heavy dependency, only under a DeepSpeed strategy
 
     config = {"train_micro_batch_size_per_gpu": 1, **dict(strategy.config or {})}
     return deepspeed.zero.Init(config_dict_or_path=config, remote_device=strategy.remote_device)

@@ -30,6 +30,7 @@ from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryPrecision, BinaryRecall
 
+from llamalab import perf
 from llamalab.data.preference import pad_rows
 from llamalab.model import LlamaScalar
 from llamalab.rlhf.losses import (
@@ -40,7 +41,7 @@ from llamalab.rlhf.losses import (
     reward_centering_loss,
 )
 from llamalab.stages.base import LlamaStage
-from llamalab.tokenizer import E_INST
+from llamalab.tokenizer import E_INST, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +312,7 @@ class RewardStage(LlamaStage):
         return loss
 
     def flops_per_token(self, seq_len: int) -> float | None:
-        from llamalab.perf import flops_per_token
-
-        return flops_per_token(self.arch, seq_len, training=True, head="scalar")
+        return perf.flops_per_token(self.arch, seq_len, training=True, head="scalar")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         r_chosen, r_rejected = self.pair_rewards(batch)
@@ -333,8 +332,6 @@ class RewardStage(LlamaStage):
     # ------------------------------------------------------------------ wrong pairs
     def decode(self, ids: list[int]) -> str:
         if self._tokenizer is None:
-            from llamalab.tokenizer import Tokenizer
-
             assert self.tokenizer_path is not None
             self._tokenizer = Tokenizer(self.tokenizer_path)
         return self._tokenizer.decode(ids)

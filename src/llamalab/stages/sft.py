@@ -68,8 +68,8 @@ class SFTStage(LanguageModelStage):
         super().on_validation_epoch_end()  # val/loss = answer-token loss, val/ppl
         if self.sample_generations == 0 or self.trainer.sanity_checking:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "val_prompts"):
+        datamodule = self.datamodule
+        if datamodule is None:  # fit on plain dataloaders
             return
         if not (self.trainer.is_global_zero or self._sharded()):
             return  # rank 0 generates alone unless the weights are sharded over ranks
