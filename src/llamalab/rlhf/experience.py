@@ -1,7 +1,7 @@
 """From a scored rollout to PPO's per-token targets, as pure functions (PAPER.md §3.2.3).
 
 :func:`make_experience` is the one reward path: the sequence score is the tested
-:func:`llamalab.rlhf.reward.paper_reward` (R~c = WHITEN(LOGIT(Rc))), minus the length-limit
+:func:`llamalab.rlhf.reward.paper_reward` (R~c = WHITEN(LOGIT(Rc)) on the chosen raw score), minus the length-limit
 penalty, placed at the last response token; -beta * KL against the reference at every token;
 then GAE advantages (whitened) and returns. :func:`experience_stats` is the logging view of the
 same quantities and changes nothing; :func:`ppo_objective` is the loss of one mini-batch (the running reward moments are updated by the caller, once
@@ -73,7 +73,7 @@ def make_experience(
 
     ``old_logprobs`` / ``ref_logprobs`` / ``old_values``: (B, R) readings of the actor, the
     reference and the critic on the rollout (0 on padding). ``whiten_stats``: running moments
-    of LOGIT(Rc), updated with this batch by ``paper_reward`` (None: whiten over this batch).
+    of LOGIT(Rc) (the chosen raw score), updated with this batch by ``paper_reward`` (None: whiten over this batch).
     """
     mask = rollout.response_mask
     kl = kl_penalty(old_logprobs, ref_logprobs, kl_estimator) * mask  # (B, R)

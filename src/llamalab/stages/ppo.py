@@ -2,11 +2,12 @@
 
 Each iteration: sample the batch's responses with the KV cache, score them with the frozen
 helpfulness and safety reward models, turn the scores into per-token rewards (R~c =
-WHITEN(LOGIT(Rc)) at the last token, -beta * KL against the frozen SFT reference at every token),
-compute GAE advantages, then run ``ppo_epochs`` passes over mini-batches with one optimizer step
-per mini-batch (manual optimisation; actor and critic share one AdamW with two parameter groups,
-as DeepSpeed allows one optimizer only). ``trainer.max_steps`` keeps Lightning's meaning
-(optimizer steps): :meth:`PPOStage.trainer_overrides` sets it from ``iterations``.
+WHITEN(LOGIT(Rc)), LOGIT(Rc) being the chosen raw score, at the last token; -beta * KL against
+the frozen SFT reference at every token), compute GAE advantages, then run ``ppo_epochs`` passes
+over mini-batches with one optimizer step per mini-batch (manual optimisation; actor and critic
+share one AdamW with two parameter groups, as DeepSpeed allows one optimizer only).
+``trainer.max_steps`` keeps Lightning's meaning (optimizer steps):
+:meth:`PPOStage.trainer_overrides` sets it from ``iterations``.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ class PPOStage(LlamaStage):
         ref_logprobs = in_chunks(lambda r: response_logprobs(reference, r), rollout, chunk)
         old_values = in_chunks(lambda r: response_values(critic, r), rollout, chunk)
         # The running reward moments (saved in checkpoints) change here and nowhere else, once
-        # per iteration: each RM's for the logs, LOGIT(Rc)'s inside paper_reward (whitening).
+        # per iteration: each RM's for the logs, the chosen raw score's inside paper_reward (whitening).
         moments = self.reward_moments
         moments["helpful"].update(scores.helpful_raw)
         moments["safety"].update(scores.safety_raw)
