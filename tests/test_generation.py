@@ -24,11 +24,13 @@ def tiny_model(n_kv_heads: int | None = 2, seed: int = 0) -> Llama:
     return model.eval()
 
 
-def full_forward_logprobs(model: Llama, prompt: list[int], new: list[int]) -> torch.Tensor:
-    """log p(new[i] | prompt + new[:i]) from one uncached forward pass."""
+def full_forward_logprobs(
+    model: Llama, prompt: list[int], new: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(new[i] | prompt + new[:i]) under logits / temperature, one uncached forward pass."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + new]))[0]
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
     steps = torch.arange(len(new)) + len(prompt) - 1
     return logprobs[steps, torch.tensor(new)]
 
@@ -74,13 +76,17 @@ def test_greedy_generate_equals_transformers():
     assert ours.finished == [False, False, False]
 
 
-def test_logprobs_are_raw_log_softmax_of_a_full_forward():
+def test_logprobs_are_tempered_log_softmax_of_a_full_forward():
+    """Log-probs of the distribution sampled from, logits / temperature (before top-k / top-p
+    truncation): what PPO's ratio reads (issue #18)."""
     model = tiny_model(2)
     out = generate(model, PROMPTS, max_new_tokens=7, temperature=1.3, top_p=0.8, top_k=20, seed=3)
     for prompt, tokens, logprobs in zip(PROMPTS, out.tokens, out.logprobs):
         assert len(tokens) == len(logprobs) == 7
-        expected = full_forward_logprobs(model, prompt, tokens)
+        expected = full_forward_logprobs(model, prompt, tokens, temperature=1.3)
         assert (torch.tensor(logprobs) - expected).abs().max() <= 1e-4
+        raw = full_forward_logprobs(model, prompt, tokens)
+        assert (torch.tensor(logprobs) - raw).abs().max() > 1e-3
 
 
 def test_eos_stops_each_row_independently():

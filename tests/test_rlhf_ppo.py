@@ -15,6 +15,7 @@ from llamalab.rlhf import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    combined_raw_score,
     combined_reward,
     default_kl_coef,
     entropy_from_logits,
@@ -376,8 +377,9 @@ def _inline_stage_reward(
     moments: RunningMoments | None,
     threshold: float,
 ) -> torch.Tensor:
-    """The sequence score PPOStage.make_experience assembled inline before issue #14 (kept here,
-    verbatim, as the reference the tested ``paper_reward`` had to equal before it replaced it)."""
+    """The sequence score PPOStage.make_experience assembled inline before issue #14, the clamped
+    WHITEN(LOGIT(Rc)) (kept verbatim as the old path ``paper_reward`` must match where it was
+    exact; issue #18 moved ``paper_reward`` to raw scores)."""
     rc, _ = combined_reward(helpful_raw, safety_raw, is_safety, threshold)
     raw = logit(rc)
     if moments is not None:
@@ -388,22 +390,47 @@ def _inline_stage_reward(
 
 @pytest.mark.parametrize("running", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_paper_reward_equals_the_stage_inline_reward_bit_for_bit(running: bool, seed: int) -> None:
-    """Random raw scores (some saturated, some below the safety threshold), several batches so
-    the running moments carry state: paper_reward gives the very bits the inline code gave."""
+def test_paper_reward_equals_the_old_logit_path_where_that_was_exact(
+    running: bool, seed: int
+) -> None:
+    """Raw scores with |raw| <= 4 (float32 LOGIT(sigmoid(raw)) is within 5e-6 of raw there), some
+    below the safety threshold, several batches so the running moments carry state: the
+    raw-score reward (issue #18) equals the old WHITEN(LOGIT(Rc)) within 1e-5."""
     gen = torch.Generator().manual_seed(seed)
     ours = RunningMoments() if running else None
     theirs = RunningMoments() if running else None
-    for batch in (16, 5, 1, 33):
-        helpful = torch.randn(batch, generator=gen) * 6
-        safety = torch.randn(batch, generator=gen) * 6
-        helpful[0] = 40.0  # sigmoid saturates: the clamp in logit decides
+    for batch in (16, 5, 2, 33):
+        helpful = (torch.rand(batch, generator=gen) * 2 - 1) * 4
+        safety = (torch.rand(batch, generator=gen) * 2 - 1) * 4
         is_safety = torch.rand(batch, generator=gen) < 0.3
         expected = _inline_stage_reward(helpful, safety, is_safety, theirs, 0.15)
         got = paper_reward(helpful, safety, is_safety, ours, 0.15)
-        assert torch.equal(got, expected)
-        if running:
-            assert ours.state_dict() == theirs.state_dict()  # type: ignore[union-attr]
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        rc, _ = combined_reward(helpful, safety, is_safety)
+        torch.testing.assert_close(
+            combined_raw_score(helpful, safety, is_safety), logit(rc), atol=5e-6, rtol=0
+        )
+
+
+def test_paper_reward_keeps_the_order_of_raw_scores_up_to_50() -> None:
+    """Issue #18: through the clamped float32 LOGIT every |raw| beyond ~13.8 became the same
+    reward. On raw scores, +-50 keep their order, before and after whitening."""
+    helpful = torch.tensor([-50.0, -30.0, -14.0, -13.0, 0.0, 12.0, 14.0, 20.0, 35.0, 50.0])
+    safety = torch.full_like(helpful, 5.0)  # safe: the helpfulness score decides
+    is_safety = torch.zeros_like(helpful, dtype=torch.bool)
+    raw = combined_raw_score(helpful, safety, is_safety)
+    assert torch.equal(raw, helpful)
+    for stats in (None, RunningMoments()):
+        reward = paper_reward(helpful, safety, is_safety, stats)
+        assert bool((reward.diff() > 0).all()), reward
+    # The old path: 14, 20, 35 and 50 all gave the same value (and -50, -30, -14 too).
+    old = logit(combined_reward(helpful, safety, is_safety)[0])
+    assert old[6] == old[7] == old[8] == old[9] and old[0] == old[1] == old[2]
+    # Safety picked (a safety prompt, or sigmoid(safety) < 0.15): its raw score, unclamped.
+    unsafe = combined_raw_score(
+        torch.tensor([3.0, 3.0]), torch.tensor([-40.0, 30.0]), torch.tensor([False, True])
+    )
+    assert unsafe.tolist() == [-40.0, 30.0]
 
 
 def test_make_experience_is_paper_reward_at_the_last_token_then_gae() -> None:

@@ -3,8 +3,9 @@
 ``generate`` left-pads the prompts, prefills the cache once, then decodes one token per step for
 the whole batch. Each sequence stops at its own EOS; finished rows are dropped from the batch (and
 the cache) as soon as they finish, so they cost no further compute. The log-probability of every
-sampled token is taken under the model's raw distribution (before temperature, top-k and top-p),
-which is what PPO's ratio needs.
+sampled token is taken under the tempered distribution ``logits / temperature`` the token was drawn
+from (the raw one at temperature 0 and 1), before top-k and top-p truncation: what PPO's ratio and
+KL use (issue #18; PPO refuses top-p, so there it is exactly the sampling distribution).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llamalab.model.llama import Llama
 @dataclass
 class GenerationOutput:
     tokens: list[list[int]]  # new tokens per prompt, up to and including EOS
-    logprobs: list[list[float]]  # log p(token) under the raw distribution, aligned with tokens
+    logprobs: list[list[float]]  # log p(token) under logits / temperature, aligned with tokens
     finished: list[bool] = field(default_factory=list)  # True where the sequence ended with EOS
 
 
@@ -131,7 +132,7 @@ def generate(
     for step in range(max_new_tokens):
         next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
         tokens[active, step] = next_tokens
-        logprobs[active, step] = _token_logprobs(logits, next_tokens)
+        logprobs[active, step] = _token_logprobs(logits, next_tokens, temperature)
         if step == max_new_tokens - 1:
             break
         if eos_id is not None:
@@ -156,9 +157,20 @@ def generate(
     return _output(tokens.tolist(), logprobs.tolist(), n_new, eos_id)
 
 
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under the raw distribution of ``logits (B, V)``: ``(B,)``."""
-    return torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, the distribution a token is sampled from before top-k / top-p;
+    the logits themselves at temperature 0 (greedy) and 1 (so the default stays bit-identical)."""
+    if temperature in (0.0, 1.0):
+        return logits
+    return logits / temperature
+
+
+def _token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log p(token) under ``tempered(logits (B, V), temperature)``: ``(B,)``."""
+    logprobs = torch.log_softmax(tempered(logits, temperature), dim=-1)
+    return logprobs.gather(1, tokens[:, None])[:, 0]
 
 
 def _output(
@@ -226,7 +238,7 @@ def _generate_compiled(
     write_index = torch.arange(prompt_len, prompt_len + max_new_tokens, device=device)
     steps = max_new_tokens
     next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
-    token_logprobs = _token_logprobs(logits, next_tokens)
+    token_logprobs = _token_logprobs(logits, next_tokens, temperature)
     with contextlib.ExitStack() as context:
         context.enter_context(decoder.compiling())
         for step in range(max_new_tokens):
@@ -247,7 +259,7 @@ def _generate_compiled(
             else:
                 logits, position = out
                 next_tokens = sample_next(logits, temperature, top_p, top_k, generator)
-                token_logprobs = _token_logprobs(logits, next_tokens)
+                token_logprobs = _token_logprobs(logits, next_tokens, temperature)
     token_rows = tokens[:, :steps].tolist()
     n_new = [row.index(eos_id) + 1 if eos_id in row else len(row) for row in token_rows]
     return _output(token_rows, logprobs[:, :steps].tolist(), n_new, eos_id)

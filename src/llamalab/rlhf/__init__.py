@@ -30,6 +30,7 @@ from llamalab.rlhf.ppo import (
 )
 from llamalab.rlhf.reward import (
     SAFETY_THRESHOLD,
+    combined_raw_score,
     combined_reward,
     logit,
     paper_reward,
@@ -53,6 +54,7 @@ __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
     "RunningMoments",
+    "combined_raw_score",
     "combined_reward",
     "default_kl_coef",
     "entropy_from_logits",

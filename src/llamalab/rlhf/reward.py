@@ -1,5 +1,6 @@
-"""The PPO reward of PAPER.md §3.2.3: combine the two reward models, undo the sigmoid, whiten,
-and spread the sequence score and the KL penalty over the response tokens.
+"""The PPO reward of PAPER.md §3.2.3: combine the two reward models, whiten the chosen raw score
+(the paper's LOGIT(sigmoid(raw)) without the float32 round trip, issue #18), and spread the
+sequence score and the KL penalty over the response tokens.
 """
 
 from __future__ import annotations
@@ -36,13 +37,32 @@ def combined_reward(
 
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Inverse sigmoid, log(p / (1 - p)), with p clamped to [eps, 1 - eps] so a saturated
-    score gives a finite value (+-13.8155 for eps 1e-6).
+    score gives a finite value (+-13.8155 for eps 1e-6). Not used by the PPO reward any more
+    (:func:`combined_raw_score` replaces LOGIT(Rc), issue #18): every |raw| beyond ~13.8 gave
+    the same value.
 
     p (...) -> same shape, float32. The clamp and logs run in float64: in float32, 1 - 1e-6
     rounds far enough to make the upper bound 13.80 while the lower one stays 13.82.
     """
     p64 = p.double().clamp(eps, 1.0 - eps)
     return (torch.log(p64) - torch.log1p(-p64)).float()
+
+
+def combined_raw_score(
+    helpful_raw: torch.Tensor,
+    safety_raw: torch.Tensor,
+    is_safety: torch.Tensor,
+    safety_threshold: float = SAFETY_THRESHOLD,
+) -> torch.Tensor:
+    """LOGIT(Rc) of PAPER.md §3.2.3 computed exactly: the raw score of the reward model the Rc
+    rule picks (:func:`combined_reward`; the sigmoid only decides the 0.15 rule).
+
+    LOGIT(sigmoid(raw)) is raw, but through a float32 sigmoid clamped to [1e-6, 1 - 1e-6] every
+    |raw| beyond ~13.8 became +-13.8155 and the ranking was lost there (issue #18); for small
+    |raw| the two agree to float32 rounding. (B,) inputs -> (B,) float32.
+    """
+    _, used_safety = combined_reward(helpful_raw, safety_raw, is_safety, safety_threshold)
+    return torch.where(used_safety, safety_raw.float(), helpful_raw.float())
 
 
 def paper_reward(
@@ -52,15 +72,14 @@ def paper_reward(
     whiten_stats: RunningMoments | None = None,
     safety_threshold: float = SAFETY_THRESHOLD,
 ) -> torch.Tensor:
-    """R~c = WHITEN(LOGIT(Rc)) of PAPER.md §3.2.3, the sequence score before the KL penalty.
+    """R~c = WHITEN(LOGIT(Rc)) of PAPER.md §3.2.3, the sequence score before the KL penalty,
+    with LOGIT(Rc) taken as the chosen raw score (:func:`combined_raw_score`, no clamp).
 
-    LOGIT(sigmoid(raw)) is the raw score again up to the clamp; the composition stays written
-    out as the paper gives it. WHITEN uses this batch's mean and unbiased variance, or, with
-    `whiten_stats`, running moments updated with this batch first (stable across small batches
-    and saved with the checkpoint). (B,) inputs -> (B,) float32.
+    WHITEN uses this batch's mean and unbiased variance, or, with `whiten_stats`, running
+    moments updated with this batch first (stable across small batches and saved with the
+    checkpoint). (B,) inputs -> (B,) float32.
     """
-    rc, _ = combined_reward(helpful_raw, safety_raw, is_safety, safety_threshold)
-    score = logit(rc)
+    score = combined_raw_score(helpful_raw, safety_raw, is_safety, safety_threshold)
     if whiten_stats is None:
         return whiten(score)
     whiten_stats.update(score)

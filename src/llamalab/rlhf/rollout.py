@@ -11,6 +11,9 @@ Layout of a :class:`Rollout` (``P`` = longest prompt, ``R`` = longest response):
 Prompts are left padded and responses right padded, so every response starts at column ``P``
 and the logits that score response token ``t`` sit at column ``P - 1 + t`` for every row.
 Positions count real tokens only (the model's default), so padding never shifts RoPE.
+A rollout carries the ``temperature`` it was sampled at, and every log-prob read from it (the
+actor's old and new ones, the reference's) is taken under ``logits / temperature``, the
+distribution the tokens were drawn from (issue #18; OpenRLHF and TRL do the same).
 Model-agnostic plumbing on torch alone: the models are called, never imported. Sampling the
 responses is :func:`llamalab.generation.sample_responses`; the maths that turns a rollout into
 PPO targets is :mod:`llamalab.rlhf.experience`.
@@ -47,8 +50,9 @@ class Rollout:
     response: torch.Tensor
     response_mask: torch.Tensor
     finished: torch.Tensor  # (B,) bool: the response ended with EOS
-    gen_logprobs: torch.Tensor  # (B, R) log-probs recorded while sampling (raw distribution)
+    gen_logprobs: torch.Tensor  # (B, R) log-probs recorded while sampling (logits / temperature)
     prompt_width: int  # P
+    temperature: float = 1.0  # the sampling temperature: response logits are read divided by it
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -63,6 +67,7 @@ class Rollout:
             self.finished[rows],
             self.gen_logprobs[rows],
             self.prompt_width,
+            self.temperature,
         )
 
     @property
@@ -76,8 +81,12 @@ def build_rollout(
     generated: Generated,
     pad_id: int,
     device: torch.device | str = "cpu",
+    temperature: float = 1.0,
 ) -> Rollout:
-    """Lay prompts (left padded) and responses (right padded) out as one batch."""
+    """Lay prompts (left padded) and responses (right padded) out as one batch; ``temperature``
+    is the one the responses were sampled at (0, greedy, reads the raw logits like 1)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     if len(prompts) != len(generated.tokens):
         raise ValueError(f"{len(prompts)} prompts but {len(generated.tokens)} responses")
     if any(len(r) == 0 for r in generated.tokens):
@@ -107,18 +116,31 @@ def build_rollout(
         finished.to(device),
         gen_logprobs.to(device),
         width,
+        temperature,
     )
 
 
 # ---------------------------------------------------------------------------- model readings
 def response_logits(model: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """Next-token logits that score each response token: (B, R, V) float32."""
+    """Next-token logits that score each response token, of the distribution the rollout was
+    sampled from: ``logits / rollout.temperature`` (B, R, V) float32 (the raw logits at
+    temperature 0 and 1, bit for bit).
+
+    Issue #18: PPO's old and new log-probs and the KL must come from the sampling distribution,
+    or the samples come from one distribution and the objective optimises another. The
+    reference is read through here too, at the same temperature, so the KL to it compares like
+    with like (pi_theta / T against pi_0 / T), as OpenRLHF and TRL do.
+    """
     logits = model(rollout.input_ids, attention_mask=rollout.attention_mask)
-    return logits[:, rollout.prompt_width - 1 : -1]
+    logits = logits[:, rollout.prompt_width - 1 : -1]
+    if rollout.temperature in (0.0, 1.0):
+        return logits
+    return logits.float() / rollout.temperature
 
 
 def response_logprobs(model: nn.Module, rollout: Rollout) -> torch.Tensor:
-    """log pi(response token) under ``model``: (B, R), 0 on padding."""
+    """log pi(response token) under ``model`` at the rollout's temperature: (B, R), 0 on
+    padding."""
     logprobs = logprobs_from_logits(response_logits(model, rollout), rollout.response)
     return logprobs * rollout.response_mask
 

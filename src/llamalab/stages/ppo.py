@@ -2,11 +2,12 @@
 
 Each iteration: sample the batch's responses with the KV cache, score them with the frozen
 helpfulness and safety reward models, turn the scores into per-token rewards (R~c =
-WHITEN(LOGIT(Rc)) at the last token, -beta * KL against the frozen SFT reference at every token),
-compute GAE advantages, then run ``ppo_epochs`` passes over mini-batches with one optimizer step
-per mini-batch (manual optimisation; actor and critic share one AdamW with two parameter groups,
-as DeepSpeed allows one optimizer only). ``trainer.max_steps`` keeps Lightning's meaning
-(optimizer steps): :meth:`PPOStage.trainer_overrides` sets it from ``iterations``.
+WHITEN(LOGIT(Rc)), LOGIT(Rc) being the chosen raw score, at the last token; -beta * KL against
+the frozen SFT reference at every token), compute GAE advantages, then run ``ppo_epochs`` passes
+over mini-batches with one optimizer step per mini-batch (manual optimisation; actor and critic
+share one AdamW with two parameter groups, as DeepSpeed allows one optimizer only).
+``trainer.max_steps`` keeps Lightning's meaning (optimizer steps):
+:meth:`PPOStage.trainer_overrides` sets it from ``iterations``.
 """
 
 from __future__ import annotations
@@ -211,8 +212,10 @@ class PPOStage(LlamaStage):
     def generate_rollout(
         self, prompts: list[list[int]], temperature: float, top_p: float | None
     ) -> Rollout:
-        """Sample one response per prompt (seeded by iteration and rank) and lay them out."""
+        """Sample one response per prompt (seeded by iteration and rank) and lay them out; the
+        rollout keeps ``temperature`` so every log-prob read from it is on-policy (issue #18)."""
         assert self.actor is not None
+        PPOConfig.check_sampling(temperature, top_p)
         tok = self.tokenizer
         rank = self.trainer.global_rank if self._trainer is not None else 0
         with self.generation_context(how=self.cfg.gather_for_generation) as actor:
@@ -221,13 +224,13 @@ class PPOStage(LlamaStage):
                 prompts,
                 max_new_tokens=self.cfg.max_new_tokens,
                 temperature=temperature,
-                top_p=None if top_p is None or top_p >= 1.0 else top_p,
+                top_p=None,  # PPOConfig.check_sampling: the full distribution only
                 eos_id=tok.eos_id,
                 pad_id=tok.pad_id,
                 chunk_size=self.cfg.generation_batch,
                 seed=derive_seed(self.seed, self.iteration, rank),
             )
-        return build_rollout(prompts, generated, tok.pad_id, self.device)
+        return build_rollout(prompts, generated, tok.pad_id, self.device, temperature)
 
     def score(self, rollout: Rollout, is_safety: torch.Tensor) -> Scores:
         assert self.rm_helpful is not None and self.rm_safety is not None
@@ -250,11 +253,13 @@ class PPOStage(LlamaStage):
         assert actor is not None and reference is not None and critic is not None
         assert self.kl_ctl is not None
         cfg, chunk = self.cfg, self.cfg.mini_batch
+        # Both at the rollout's temperature (response_logits): the sampling distribution, and the
+        # reference scaled alike so the KL compares like with like (issue #18).
         old_logprobs = in_chunks(lambda r: response_logprobs(actor, r), rollout, chunk)
         ref_logprobs = in_chunks(lambda r: response_logprobs(reference, r), rollout, chunk)
         old_values = in_chunks(lambda r: response_values(critic, r), rollout, chunk)
         # The running reward moments (saved in checkpoints) change here and nowhere else, once
-        # per iteration: each RM's for the logs, LOGIT(Rc)'s inside paper_reward (whitening).
+        # per iteration: each RM's for the logs, the chosen raw score's in paper_reward (whitening).
         moments = self.reward_moments
         moments["helpful"].update(scores.helpful_raw)
         moments["safety"].update(scores.safety_raw)
@@ -290,7 +295,7 @@ class PPOStage(LlamaStage):
                 for part in rows.split(micro):
                     batch, targets = rollout.select(part), experience.select(part)
                     loss, stats = ppo_objective(
-                        response_logits(actor, batch),
+                        response_logits(actor, batch),  # / temperature, as the old log-probs
                         response_values(critic, batch),
                         batch,
                         targets,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from llamalab.model.config import ConfigError
 from llamalab.rlhf import AdaptiveKLController, FixedKLController, default_kl_coef
 
 
@@ -20,8 +21,8 @@ class PPOConfig:
     ppo_epochs: int = 1
     generation_batch: int = 64  # prompts per generate() call (bounds the KV cache)
     max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float = 1.0  # > 0; log-probs and KL read logits / temperature (issue #18)
+    top_p: float = 1.0  # must stay 1.0: nucleus sampling would make PPO off-policy (issue #18)
     kl_coef: float | None = 0.01  # None = default_kl_coef(actor parameters)
     kl_estimator: str = "k1"
     adaptive_kl: bool = False
@@ -50,6 +51,30 @@ class PPOConfig:
             )
         if self.mini_batch < 1 or self.rollout_batch < 1 or self.ppo_epochs < 1:
             raise ValueError("rollout_batch, mini_batch and ppo_epochs must be >= 1")
+        self.check_sampling(self.temperature, self.top_p)
+
+    @staticmethod
+    def check_sampling(temperature: float, top_p: float | None) -> None:
+        """Refuse PPO sampling settings the ratio and the KL cannot follow (issue #18).
+
+        Log-probs are read under ``logits / temperature``, the distribution the tokens were
+        drawn from, so any temperature > 0 stays on-policy. Top-p is refused rather than
+        followed: the nuclei of the old policy, the updated one and the reference differ, a
+        token outside one of them has log-prob -inf, and the ratio and the KL would be
+        undefined exactly there (OpenRLHF samples with top-p but scores the untruncated
+        distribution, which is off-policy).
+        """
+        if not temperature > 0:
+            raise ConfigError(
+                f"stage.temperature={temperature}: PPO samples its rollouts, so the temperature "
+                "must be > 0 (the ratio and the KL read logits / temperature)"
+            )
+        if top_p is not None and top_p != 1.0:
+            raise ConfigError(
+                f"stage.top_p={top_p}: PPO supports top_p=1.0 only (nucleus sampling would make "
+                "the rollouts off-policy: the ratio and the KL are taken under the full "
+                "logits / temperature distribution); lower stage.temperature instead"
+            )
 
     def reward_settings(self) -> dict[str, Any]:
         """The keyword arguments of :func:`llamalab.rlhf.experience.make_experience` set here."""
