@@ -240,6 +240,7 @@ def test_ppo_runs_on_two_processes(
 
 # ---------------------------------------------------------------------------- rejection sampling
 @pytest.mark.slow
+@pytest.mark.integration
 def test_rejection_sampling_runs_under_zero3_on_two_processes(
     world: dict[str, str], tmp_path: Path, cache_dir: Path
 ) -> None:
