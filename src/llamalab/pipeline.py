@@ -11,7 +11,7 @@ pretrain ──> sft ──┬──> reward rm=helpful ──┬──> ppo
 
 A stage writes ``<outputs_root>/<run name>/<timestamp>/`` and links
 ``<outputs_root>/<run name>/latest`` to its newest finished run; a later stage loads that link by
-default (``configs/stage/<stage>.yaml``, checked against this module by ``tests/test_layout.py``).
+default (``configs/stage/<stage>.yaml``, checked against this module by ``tests/test_pipeline.py``).
 Three kinds of name meet here:
 
 - an **input** is a stage config key (``stage.init``, ``stage.critic_init``, ...): a path;
