@@ -28,6 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleD
 from llamalab.checkpoint import CheckpointError
 from llamalab.model import LlamaConfig
 from llamalab.scale.build import sharding_mode
+from llamalab.scale.wrap import uncompiled
 from llamalab.scale.zero_gen import consolidated, settle_zero3
 
 log = logging.getLogger("llamalab")
@@ -276,7 +277,7 @@ def export_from_trainer(trainer: Any, module: Any, path: Path) -> Path | None:
     mode = sharding_mode(trainer.strategy)
     settle_zero3(trainer.strategy)
     model = module.export_model()
-    model = getattr(model, "_orig_mod", model)
+    model = uncompiled(model)
     with consolidated(model, mode, rank0_only=True) as full:
         if trainer.is_global_zero:
             module.export(path, model=full)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llamalab.data.pretrain import PretrainDataModule
 from llamalab.generation import generate
+from llamalab.scale.wrap import uncompiled
 from llamalab.stages.base import LlamaStage
 
 # The x-axis of every step metric: tokens are what a token budget and throughput are measured in.
@@ -230,8 +231,7 @@ def pretrain_samples(
     prompts = [
         val_set[i]["input_ids"][:prompt_tokens].tolist() for i in range(min(n, len(val_set)))
     ]
-    llama: Any = getattr(model, "_orig_mod", model)  # torch.compile's wrapper, if any
-    out = generate(llama, prompts, new_tokens, temperature=0.0, top_p=None)
+    out = generate(uncompiled(model), prompts, new_tokens, temperature=0.0, top_p=None)
     step, seen = trainer.global_step, int(pl_module.tokens_seen)
     return [
         [step, seen, tokenizer.decode(p), tokenizer.decode(t)] for p, t in zip(prompts, out.tokens)

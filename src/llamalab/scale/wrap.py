@@ -6,6 +6,7 @@ Both keep parameter names unchanged, so checkpoints and exports are unaffected.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +36,12 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
         block.forward = checkpointed  # type: ignore[method-assign]
         block._llamalab_checkpointed = True  # type: ignore[assignment]
+
+
+def uncompiled(model: Any) -> Any:
+    """``model`` without ``torch.compile``'s whole-model wrapper (a user's ``torch.compile(model)``
+    puts the real module in ``_orig_mod``); our own per-block compile adds none."""
+    return getattr(model, "_orig_mod", model)
 
 
 def compile_blocks(

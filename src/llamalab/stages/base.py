@@ -35,7 +35,7 @@ from llamalab.scale.build import (
     stage_device,
     stage_mesh,
 )
-from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks
+from llamalab.scale.wrap import apply_activation_checkpointing, compile_blocks, uncompiled
 from llamalab.scale.zero_gen import generation_model
 from llamalab.tokenizer import Tokenizer
 
@@ -320,6 +320,6 @@ class LlamaStage(L.LightningModule):
         (default :meth:`export_model`; a sharded run passes the consolidated copy)."""
         tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         model = self.export_model() if model is None else model
-        model = getattr(model, "_orig_mod", model)
+        model = uncompiled(model)
         save_hf(model, tokenizer, path)  # type: ignore[arg-type]
         return Path(path)
