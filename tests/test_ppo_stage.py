@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_train
-from helpers.rlhf import read_metrics, series, tiny_config
+from helpers.rlhf import checkpoint_paths, make_ppo_stage, read_metrics, series, tiny_config
 
 from llamalab.checkpoint import CheckpointError, save_hf
 from llamalab.generation import GenerationOutput, sample_responses
@@ -27,11 +27,7 @@ from llamalab.tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def world(tiny_checkpoints: dict) -> dict[str, Path]:
     """A 512-piece tokenizer, a random tiny policy and a good-token reward model (conftest)."""
-    return {
-        "tokenizer": Path(tiny_checkpoints["tokenizer"].model_path),
-        "sft": tiny_checkpoints["sft"],
-        "rm": tiny_checkpoints["rm"],
-    }
+    return checkpoint_paths(tiny_checkpoints)
 
 
 def ppo_overrides(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
@@ -54,22 +50,6 @@ def ppo_overrides(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
         "stage.ppo_epochs=1",
         *extra,
     ]
-
-
-def make_stage(world: dict[str, Path], **kwargs: object) -> PPOStage:
-    config = tiny_config(Tokenizer(world["tokenizer"]).vocab_size)
-    stage = PPOStage(
-        arch=config.to_dict(),
-        optim={"lr": 1e-3, "weight_decay": 0.1},
-        init=str(world["sft"]),
-        critic_init=str(world["rm"]),
-        reward_helpful=str(world["rm"]),
-        reward_safety=str(world["rm"]),
-        tokenizer_path=str(world["tokenizer"]),
-        **kwargs,
-    )
-    stage.configure_model()
-    return stage
 
 
 # ---------------------------------------------------------------------------- rollout layout
@@ -171,7 +151,7 @@ def test_seeds_differ_by_iteration_and_rank() -> None:
 
 # ---------------------------------------------------------------------------- models
 def test_configure_model_builds_five_models(world: dict[str, Path]) -> None:
-    stage = make_stage(world)
+    stage = make_ppo_stage(world)
     assert isinstance(stage.actor, Llama) and isinstance(stage.reference, Llama)
     assert all(
         isinstance(m, LlamaScalar) for m in (stage.critic, stage.rm_helpful, stage.rm_safety)
@@ -191,7 +171,7 @@ def test_configure_model_builds_five_models(world: dict[str, Path]) -> None:
 
 
 def test_two_learning_rates_in_one_optimizer(world: dict[str, Path]) -> None:
-    stage = make_stage(world)
+    stage = make_ppo_stage(world)
     stage.optim_cfg["critic_lr"] = 5e-3
     optimizer = stage.configure_optimizers()
     actor_ids = {id(p) for p in stage.actor.parameters()}
@@ -243,7 +223,7 @@ def test_critic_from_a_language_model_keeps_its_backbone(world: dict[str, Path])
 
 
 def test_checkpoint_keeps_ppo_state_and_drops_frozen_models(world: dict[str, Path]) -> None:
-    stage = make_stage(world, adaptive_kl=True, kl_coef=0.05)
+    stage = make_ppo_stage(world, adaptive_kl=True, kl_coef=0.05)
     stage.iteration = 7
     stage.kl_ctl.update(current_kl=100.0, n_steps=1000)
     stage.reward_moments["combined"].update(torch.tensor([1.0, 2.0, 4.0]))
@@ -254,7 +234,7 @@ def test_checkpoint_keeps_ppo_state_and_drops_frozen_models(world: dict[str, Pat
     assert prefixes == {"actor", "critic"}
     assert checkpoint["llamalab"]["prefix"] == "actor." and checkpoint["llamalab"]["head"] == "lm"
 
-    fresh = make_stage(world, adaptive_kl=True, kl_coef=0.05)
+    fresh = make_ppo_stage(world, adaptive_kl=True, kl_coef=0.05)
     fresh.on_load_checkpoint(checkpoint)
     fresh.load_state_dict(checkpoint["state_dict"], strict=True)  # frozen weights put back
     assert fresh.iteration == 7 and fresh.kl_ctl.value == pytest.approx(stage.kl_ctl.value)
@@ -269,7 +249,7 @@ def test_checkpoint_keeps_ppo_state_and_drops_frozen_models(world: dict[str, Pat
 def test_ppo_checkpoint_loads_as_the_actor(world: dict[str, Path], tmp_path: Path) -> None:
     from llamalab.checkpoint import load_model
 
-    stage = make_stage(world)
+    stage = make_ppo_stage(world)
     with torch.no_grad():
         stage.actor.output.weight.add_(1.0)
     checkpoint = {"state_dict": stage.state_dict()}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import compose_config, run_train
-from helpers.rlhf import tiny_config
+from helpers.rlhf import checkpoint_paths, make_ppo_stage
 from torch import nn
 
 from llamalab.generation import GenerationOutput, generate
@@ -18,34 +18,14 @@ from llamalab.model import ConfigError, Llama, LlamaConfig
 from llamalab.rlhf import logprobs_from_logits
 from llamalab.rlhf.experience import ppo_objective
 from llamalab.rlhf.rollout import Rollout, build_rollout, response_logits, response_logprobs
-from llamalab.stages.ppo import PPOConfig, PPOStage
-from llamalab.tokenizer import Tokenizer
+from llamalab.stages.ppo import PPOConfig
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 3, 4], [1, 11, 12, 13]]
 
 
 @pytest.fixture(scope="module")
 def world(tiny_checkpoints: dict) -> dict[str, Path]:
-    return {
-        "tokenizer": Path(tiny_checkpoints["tokenizer"].model_path),
-        "sft": tiny_checkpoints["sft"],
-        "rm": tiny_checkpoints["rm"],
-    }
-
-
-def make_stage(world: dict[str, Path], **kwargs: object) -> PPOStage:
-    stage = PPOStage(
-        arch=tiny_config(Tokenizer(world["tokenizer"]).vocab_size).to_dict(),
-        optim={"lr": 1e-3, "weight_decay": 0.1},
-        init=str(world["sft"]),
-        critic_init=str(world["rm"]),
-        reward_helpful=str(world["rm"]),
-        reward_safety=str(world["rm"]),
-        tokenizer_path=str(world["tokenizer"]),
-        **kwargs,
-    )
-    stage.configure_model()
-    return stage
+    return checkpoint_paths(tiny_checkpoints)
 
 
 def peaked_model(seed: int = 0) -> Llama:
@@ -72,7 +52,9 @@ def test_first_ppo_step_is_on_policy_at_temperature_0_6(world: dict[str, Path]) 
     from (before issue #18 they were the raw distribution's: this failed by up to 1.7 nats), and the
     first step's ratio is exactly 1 on every token, the KL to the reference at the same
     temperature."""
-    stage = make_stage(world, temperature=0.6, mini_batch=16, rollout_batch=16, max_new_tokens=8)
+    stage = make_ppo_stage(
+        world, temperature=0.6, mini_batch=16, rollout_batch=16, max_new_tokens=8
+    )
     assert stage.actor is not None and stage.reference is not None
     with torch.no_grad():  # a peaked actor, so the temperature matters
         stage.actor.output.weight.mul_(20.0)

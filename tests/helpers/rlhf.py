@@ -17,6 +17,7 @@ import torch
 
 from llamalab.checkpoint import save_hf
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
+from llamalab.stages.ppo import PPOStage
 from llamalab.tokenizer import Tokenizer
 
 
@@ -71,3 +72,29 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def series(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [row[key] for row in rows if key in row]
+
+
+def checkpoint_paths(tiny_checkpoints: dict) -> dict[str, Path]:
+    """The conftest ``tiny_checkpoints`` as paths: ``tokenizer`` (its .model), ``sft``, ``rm``."""
+    return {
+        "tokenizer": Path(tiny_checkpoints["tokenizer"].model_path),
+        "sft": tiny_checkpoints["sft"],
+        "rm": tiny_checkpoints["rm"],
+    }
+
+
+def make_ppo_stage(world: dict[str, Path], **kwargs: object) -> PPOStage:
+    """A PPO stage on the tiny checkpoints (actor/reference from ``sft``, critic and both RMs
+    from ``rm``), its models built."""
+    stage = PPOStage(
+        arch=tiny_config(Tokenizer(world["tokenizer"]).vocab_size).to_dict(),
+        optim={"lr": 1e-3, "weight_decay": 0.1},
+        init=str(world["sft"]),
+        critic_init=str(world["rm"]),
+        reward_helpful=str(world["rm"]),
+        reward_safety=str(world["rm"]),
+        tokenizer_path=str(world["tokenizer"]),
+        **kwargs,
+    )
+    stage.configure_model()
+    return stage
