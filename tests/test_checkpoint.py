@@ -28,7 +28,7 @@ from llamalab.checkpoint import (
     save_hf,
     save_meta,
 )
-from llamalab.checkpoint import hf as hf_module
+from llamalab.checkpoint import shards as shards_module
 from llamalab.checkpoint.hf import to_hf_state_dict
 from llamalab.checkpoint.meta import halves_to_interleaved, interleaved_to_halves
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
@@ -286,7 +286,7 @@ def test_failed_save_keeps_the_previous_export(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(hf_module, "save_file", disk_full)
+    monkeypatch.setattr(shards_module, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_hf(tiny_model(seed=1), None, tmp_path / "export")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no temporary left behind

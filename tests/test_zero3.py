@@ -7,6 +7,7 @@ export equals the weights in the shards, and a resumed run ends where an uninter
 from __future__ import annotations
 
 import csv
+import json
 import os
 import socket
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import run_train
+from helpers import lazy_import, run_train
 from helpers.rlhf import tiny_config
 
 from llamalab.checkpoint import load_model
@@ -23,6 +24,8 @@ from llamalab.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 EXT_DIR = str(REPO / ".cache" / "torch_extensions")  # DeepSpeed's shm_comm, compiled once
+EXPORT_SHARD = "60KB"  # below the tiny models' embedding (64 KiB): one shard per unit or so
+transformers = lazy_import("transformers")
 pytestmark = [pytest.mark.distributed]
 
 
@@ -39,9 +42,10 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
     torch.set_num_threads(1)
     import deepspeed
 
+    from llamalab.checkpoint import save_hf
     from llamalab.generation import generate
     from llamalab.scale.build import build_pretrained, full_shape
-    from llamalab.scale.zero_gen import LockstepModel, consolidated
+    from llamalab.scale.zero_gen import LockstepModel, consolidated, host_tensors
 
     deepspeed.init_distributed("gloo")
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3,
@@ -73,8 +77,15 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
     lockstep.finish()
     with consolidated(engine.module["reward"], "zero3", rank0_only=True) as rm_copy:
         rm_state = None if rm_copy is None else rm_copy.state_dict()
-    torch.save({"parts": parts, "fast": fast, "slow": slow, "actor": state, "rm": rm_state},
-               f"{out}/rank{rank}.pt")  # fmt: skip
+    for role in ("actor", "reward"):  # the export's path: streamed, small shards, rank 0 writes
+        tensors = host_tensors(engine.module[role], "zero3", keep=rank == 0)
+        if rank == 0:
+            save_hf(engine.module[role], None, f"{out}/{role}_hf", max_shard_size=EXPORT_SHARD,
+                    tensors=tensors)  # fmt: skip
+        for _ in tensors:  # rank 1 takes part in every gather
+            pass
+    torch.save({"parts": parts, "fast": fast, "slow": slow, "actor": state, "rm": rm_state,
+                "out": out}, f"{out}/rank{rank}.pt")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +144,40 @@ def test_gathered_and_per_layer_generation_agree_with_a_plain_model(
         assert [row[:n] for row in zero3_results[rank]["slow"]] == [row[:n] for row in ref]
 
 
+def shard_files(folder: Path, limit: int) -> list[str]:
+    """The files named by ``folder``'s safetensors index (exactly the ones there); each holds at
+    most ``limit`` bytes of tensors unless it holds a single larger tensor."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == sorted(p.name for p in folder.glob("*.safetensors"))
+    for file in files:
+        names = [n for n, f in index["weight_map"].items() if f == file]
+        header = 8 + int.from_bytes((folder / file).read_bytes()[:8], "little")
+        assert len(names) == 1 or (folder / file).stat().st_size - header <= limit, file
+    return files
+
+
+@pytest.mark.slow
+def test_streamed_zero3_export_loads_in_transformers_with_equal_logits(
+    zero3_results: list[dict], world: dict[str, str]
+) -> None:
+    """The export path under ZeRO-3 (units gathered one at a time, copied to the host, written in
+    shards of at most 60KB): several shards and an index that transformers loads, as a causal
+    LM and as a one-label sequence classifier, with our models' logits."""
+    out = Path(zero3_results[0]["out"])
+    ids = torch.tensor([[1, 5, 9, 11, 300, 7, 2], [1, 4, 4, 17, 60, 3, 2]])
+    loaders = {"actor": (world["sft"], transformers.AutoModelForCausalLM),
+               "reward": (world["rm"], transformers.AutoModelForSequenceClassification)}  # fmt: skip
+    for role, (source, auto) in loaders.items():
+        assert len(shard_files(out / f"{role}_hf", 60_000)) > 1
+        ours = load_model(source)
+        theirs = auto.from_pretrained(out / f"{role}_hf").eval()
+        with torch.no_grad():
+            expected = ours(ids) if role == "actor" else ours.score_sequences(ids)  # type: ignore[operator]
+            got = theirs(ids).logits
+        torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- src/train.py runs
 def train(args: list[str], cache: Path, timeout: int = 600) -> None:
     proc = run_train(args, cache, timeout=timeout)  # TORCH_EXTENSIONS_DIR: helpers.train_env
@@ -174,11 +219,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str,
     train(pretrain_args(r["ddp"], "trainer.max_steps=2", *distributed("ddp")), cache_dir)
     init = f"stage.init={r['ddp'] / 'export'}"
     train(pretrain_args(r["single"], init, "trainer.max_steps=1"), cache_dir)
+    shards = "export.max_shard_size=5MB"  # the tiny model's 21 MB export in several shards
     train(
-        pretrain_args(r["zero3"], init, "trainer.max_steps=2", *distributed("deepspeed_zero3")),
+        pretrain_args(
+            r["zero3"], init, shards, "trainer.max_steps=2", *distributed("deepspeed_zero3")
+        ),
         cache_dir,
     )
-    train(pretrain_args(r["fsdp"], init, "trainer.max_steps=2", *distributed("fsdp")), cache_dir)
+    train(pretrain_args(r["fsdp"], init, shards, "trainer.max_steps=2", *distributed("fsdp")),
+          cache_dir)  # fmt: skip
     resume = f"ckpt_path={r['zero3'] / 'checkpoints' / 'step000001.ckpt'}"
     train(pretrain_args(r["resumed"], init, resume, "trainer.max_steps=2", *distributed("deepspeed_zero3")),
           cache_dir)  # fmt: skip
@@ -202,6 +251,8 @@ def test_consolidated_export_equals_the_weights_in_the_shards(runs: dict[str, Pa
     fsdp_last = runs["fsdp"] / "checkpoints" / "step000002.ckpt"
     assert (fsdp_last / ".metadata").is_file()  # a torch.distributed.checkpoint directory
     same_weights(fsdp_last, runs["fsdp"] / "export")
+    for name in ("zero3", "fsdp"):  # export.max_shard_size=5MB: streamed into shards + index
+        assert len(shard_files(runs[name] / "export", 5_000_000)) > 2, name
 
 
 @pytest.mark.integration

@@ -14,16 +14,21 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import sentencepiece as spm
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from llamalab.checkpoint.io import CheckpointError, atomic_directory, build_from_state
+from llamalab.checkpoint.shards import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SAFETENSORS_INDEX,
+    ShardWriter,
+    parse_size,
+)
 from llamalab.model import ConfigError, Llama, LlamaConfig, LlamaScalar
 
 _LAYER = {
@@ -78,18 +83,6 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 # ---- writing ------------------------------------------------------------------------------------
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_SIZE = "5GB"
-_UNITS = {
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 # Meta's sampling defaults (PAPER.md, "Chat format"), written to generation_config.json.
 _GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
 
@@ -101,33 +94,6 @@ class SentencePieceTokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
-
-
-def parse_size(size: int | str) -> int:
-    """``5_000_000`` or ``"5GB"`` / ``"500MiB"`` -> bytes."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)\s*", size.upper())
-    if not match:
-        raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Greedy, in order: start a new shard when the next tensor would pass ``max_bytes``.
-
-    A tensor larger than ``max_bytes`` gets a shard of its own (tensors are never split).
-    """
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards
 
 
 def _token_ids(
@@ -215,22 +181,6 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def _write_weights(state: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
-    shards = split_shards(state, max_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], out / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, out / filename, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    _write_json(
-        out / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map}
-    )
-
-
 def save_hf(
     model: Llama | LlamaScalar,
     tokenizer: SentencePieceTokenizer | None,
@@ -238,6 +188,7 @@ def save_hf(
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
+    tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Export ``model`` (and its tokenizer) as a Hugging Face directory; returns the path.
 
@@ -245,18 +196,34 @@ def save_hf(
     ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``
     (language models) and, with a tokenizer, ``tokenizer.model`` + ``tokenizer_config.json`` +
     ``special_tokens_map.json``. ``dtype`` casts the weights (default: as they are).
+
+    The weights stream through :class:`~llamalab.checkpoint.shards.ShardWriter`: host memory
+    holds one shard at a time, never a second copy of the model. They are ``model``'s own, or
+    ``tensors``: ``(name, whole tensor)`` pairs under our names, on any device, produced one at a
+    time (a sharded model gathered unit by unit: :func:`llamalab.scale.zero_gen.host_tensors`);
+    ``model`` then only gives the config and head, and the names must be exactly its parameters.
     Crash-safe: everything goes to ``<path>.tmp-<pid>`` and is renamed into place at the end;
     an existing export is replaced only once the new one is complete.
     """
-    state = {
-        to_hf_name(name): t.detach().to("cpu", dtype or t.dtype).contiguous()
-        for name, t in model.state_dict().items()
-    }
+    max_bytes = parse_size(max_shard_size)
+    expected = set(model.state_dict())
     weight_dtype = dtype or model.tok_embeddings.weight.dtype
     config = hf_config(model, tokenizer, weight_dtype)
+    if tensors is None:
+        tensors = ((name, t) for name, t in model.state_dict().items())
     with atomic_directory(path) as tmp:
         _write_json(tmp / "config.json", config)
-        _write_weights(state, tmp, parse_size(max_shard_size))
+        writer = ShardWriter(tmp, max_bytes, dtype)
+        written: set[str] = set()
+        for name, tensor in tensors:
+            if name not in expected or name in written:
+                raise CheckpointError(f"export {path}: unexpected or repeated tensor {name}")
+            writer.add(to_hf_name(name), tensor)
+            written.add(name)
+        if written != expected:
+            missing = sorted(expected - written)
+            raise CheckpointError(f"export {path}: tensors missing: {missing[:8]}")
+        writer.close()
         if isinstance(model, Llama):
             ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
             generation = {**ids, **_GENERATION_DEFAULTS, "max_length": model.config.max_seq_len}

@@ -32,6 +32,13 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def stored_shape(state: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """A tensor's shape in ``state`` without reading it when ``state`` is lazy (a mapping with a
+    ``shape(name)`` method: a memory-mapped checkpoint read one tensor at a time)."""
+    shape = getattr(state, "shape", None)
+    return tuple(shape(name)) if callable(shape) else _shape(state[name])
+
+
 def _listing(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
@@ -40,14 +47,16 @@ def _listing(names: list[str], limit: int = 8) -> str:
 def check_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Raise :class:`CheckpointError` unless ``state`` has exactly the model's names and shapes.
 
-    Only persistent entries count (the RoPE tables are recomputed, never saved).
+    Only persistent entries count (the RoPE tables are recomputed, never saved). A lazy
+    ``state`` (:func:`stored_shape`) is checked without reading its tensors.
     """
     expected = model.state_dict()
     problems = []
-    for name, tensor in state.items():
-        if name in expected and _shape(tensor) != _shape(expected[name]):
+    for name in state:
+        if name in expected and stored_shape(state, name) != _shape(expected[name]):
             problems.append(
-                f"tensor {name} has shape {_shape(tensor)}, model expects {_shape(expected[name])}"
+                f"tensor {name} has shape {stored_shape(state, name)}, "
+                f"model expects {_shape(expected[name])}"
             )
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -139,15 +148,16 @@ def convert(
 def build_from_state(
     config: LlamaConfig,
     head: str,
-    state: dict[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
     source: str,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> Llama | LlamaScalar:
     """Build ``Llama`` / ``LlamaScalar`` on ``meta`` and take ``state``'s tensors as parameters.
 
-    ``state`` is consumed: each tensor is popped, converted to ``device``/``dtype``
-    (``dtype=None`` keeps the stored dtype) and released, so peak memory is the model plus one
+    Tensors are taken one at a time, converted to ``device``/``dtype`` (``dtype=None`` keeps the
+    stored dtype) and released: a ``dict`` is consumed (each tensor popped), a lazy mapping
+    (a memory-mapped checkpoint) is read name by name. So peak memory is the model plus one
     tensor beyond whatever the caller holds.
     """
     if head not in HEADS:
@@ -157,7 +167,8 @@ def build_from_state(
     with torch.device("meta"):
         model = HEADS[head](config)
     check_state(model, state, source)
-    converted = {name: convert(state.pop(name), device, dtype) for name in list(state)}
+    take = state.pop if isinstance(state, dict) else state.__getitem__
+    converted = {name: convert(take(name), device, dtype) for name in list(state)}
     model.load_state_dict(converted, strict=True, assign=True)
     model.rope.reset(config.max_seq_len, device=torch.device(device))
     return model.eval()

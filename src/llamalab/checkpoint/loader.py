@@ -21,6 +21,7 @@ prefix (PPO saves the policy under ``"actor."``).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 
 from llamalab.checkpoint.hf import load_hf
 from llamalab.checkpoint.io import CheckpointError, build_from_state, clean_name, head_of
-from llamalab.checkpoint.meta import load_meta
+from llamalab.checkpoint.meta import MetaCheckpoint, load_meta
 from llamalab.model import ConfigError, Llama, LlamaConfig, LlamaScalar
 
 LLAMALAB_KEY = "llamalab"  # where a LightningModule of ours records what its checkpoint holds
@@ -104,6 +105,15 @@ def is_deepspeed_dir(path: Path) -> bool:
     return tag_dir.is_dir() and any(tag_dir.glob("*model_states.pt"))
 
 
+def _deepspeed_client_state(root: Path) -> dict[str, Any]:
+    """The model-states file of a DeepSpeed checkpoint (our ``llamalab`` entry is in it); under
+    ZeRO-3 the parameters there are empty placeholders, so it is small."""
+    tag_dir = root / (root / "latest").read_text().strip()
+    model_states = sorted(tag_dir.glob("*model_states.pt"))[0]
+    client = torch.load(model_states, map_location="cpu", mmap=True, weights_only=False)
+    return client if isinstance(client, dict) else {}
+
+
 def load_deepspeed(
     path: str | os.PathLike[str],
     device: torch.device | str = "cpu",
@@ -120,11 +130,8 @@ def load_deepspeed(
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     root = Path(path)
-    tag_dir = root / (root / "latest").read_text().strip()
-    model_states = sorted(tag_dir.glob("*model_states.pt"))[0]
-    client = torch.load(model_states, map_location="cpu", weights_only=False)
     checkpoint = {
-        LLAMALAB_KEY: client.get(LLAMALAB_KEY),
+        LLAMALAB_KEY: _deepspeed_client_state(root).get(LLAMALAB_KEY),
         "state_dict": get_fp32_state_dict_from_zero_checkpoint(str(root)),
     }
     return model_from_training_checkpoint(checkpoint, str(root), device, dtype)
@@ -194,3 +201,32 @@ def load_model(
     raise CheckpointError(
         f"{root} is not a checkpoint this project can read; looked for {LOOKED_FOR}"
     )
+
+
+def _recorded_config(checkpoint: Any) -> LlamaConfig | None:
+    info = checkpoint.get(LLAMALAB_KEY) if isinstance(checkpoint, dict) else None
+    if isinstance(info, dict) and "model_config" in info:
+        return LlamaConfig.from_dict(dict(info["model_config"]))
+    return None
+
+
+def checkpoint_config(path: str | os.PathLike[str]) -> LlamaConfig:
+    """The architecture stored with any checkpoint :func:`load_model` reads, without reading its
+    weights: ``config.json`` (Hugging Face), ``params.json`` and the shards' index (Meta), our
+    ``llamalab`` header (``.ckpt`` memory-mapped, DeepSpeed client state, Lightning's ``meta.pt``
+    of a distributed checkpoint). Only a checkpoint without such a record is loaded whole."""
+    root = Path(path)
+    found: LlamaConfig | None = None
+    if root.is_file() and root.suffix in CKPT_SUFFIXES:
+        found = _recorded_config(_torch_load(root))
+    elif (root / "config.json").is_file():
+        found = LlamaConfig.from_hf_config(json.loads((root / "config.json").read_text()))
+    elif (root / "params.json").is_file():
+        found = MetaCheckpoint(root).config
+    elif is_deepspeed_dir(root):
+        found = _recorded_config(_deepspeed_client_state(root))
+    elif (root / LIGHTNING_META).is_file():
+        found = _recorded_config(_torch_load(root / LIGHTNING_META))
+    elif (root / "export").is_dir():
+        return checkpoint_config(root / "export")
+    return found if found is not None else load_model(root).config

@@ -6,6 +6,16 @@ dim 0 (column-parallel); ``wo, w2`` along dim 1 (row-parallel); norms are replic
 rotates adjacent pairs ``(x0, x1), (x2, x3), ...`` of each head; ours rotates halves
 ``(x_i, x_{i + head_dim/2})`` like Hugging Face, so the rows of ``wq`` and ``wk`` are permuted on
 the way in (:func:`interleaved_to_halves`) and back on the way out (PAPER.md, "Architecture").
+
+Reading streams (:class:`MetaCheckpoint`): every shard is memory-mapped
+(``torch.load(mmap=True, weights_only=True)``, which reads only the pickled index), and a tensor
+is merged and permuted when it is asked for, one at a time. The architecture comes from
+``params.json`` (and, for ``vocab_size: -1``, from the embedding's shape in the index) without
+reading any weight. So loading costs the model itself plus one merged tensor of anonymous memory
+(at 70B: the 1 GiB bf16 embedding), and a rank that needs only some rows (an FSDP shard) reads
+only the pages holding them (:meth:`MetaCheckpoint.rows`). The mapped file pages count in a
+process's RSS while they are mapped, but they are clean page cache the kernel drops under
+pressure, not copies.
 """
 
 from __future__ import annotations
@@ -13,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 from llamalab.checkpoint.io import CheckpointError, atomic_directory, build_from_state
-from llamalab.model import Llama, LlamaConfig
+from llamalab.model import ConfigError, Llama, LlamaConfig
 
 # Which dimension a parameter is split along across model-parallel shards (None = replicated).
 _SPLIT_DIM: dict[str, int | None] = {
@@ -69,13 +79,21 @@ def halves_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def _qk_heads(name: str, config: LlamaConfig) -> int | None:
+    """The head count whose rows are permuted (``wq``: n_heads, ``wk``: n_kv_heads), else None."""
+    if name.endswith("attention.wq.weight"):
+        return config.n_heads
+    if name.endswith("attention.wk.weight"):
+        return config.kv_heads
+    return None
+
+
 def _permute_qk(state: dict[str, torch.Tensor], config: LlamaConfig, to_meta: bool) -> None:
     permute = halves_to_interleaved if to_meta else interleaved_to_halves
     for name in state:
-        if name.endswith("attention.wq.weight"):
-            state[name] = permute(state[name], config.n_heads)
-        elif name.endswith("attention.wk.weight"):
-            state[name] = permute(state[name], config.kv_heads)
+        heads = _qk_heads(name, config)
+        if heads is not None:
+            state[name] = permute(state[name], heads)
 
 
 def shard_paths(path: Path) -> list[Path]:
@@ -89,23 +107,108 @@ def shard_paths(path: Path) -> list[Path]:
     return [p for _, p in found]
 
 
-def merge_shards(shards: list[Mapping[str, torch.Tensor]], source: str) -> dict[str, torch.Tensor]:
-    """Model-parallel shards -> one state dict (still in Meta's interleaved q/k layout)."""
-    names = [n for n in shards[0] if n not in _IGNORED]
-    for i, shard in enumerate(shards[1:], start=1):
-        if {n for n in shard if n not in _IGNORED} != set(names):
-            raise CheckpointError(f"{source}: shard {i} holds different tensors than shard 0")
-    merged: dict[str, torch.Tensor] = {}
-    for name in names:
-        pieces = [shard[name] for shard in shards]
-        dim = split_dim(name)
+def read_params(root: Path) -> dict:
+    params_file = root / "params.json"
+    if not params_file.is_file():
+        raise CheckpointError(f"{root} is not a Meta checkpoint: no params.json")
+    try:
+        params = json.loads(params_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{params_file}: not valid JSON ({err})") from err
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{params_file}: expected a JSON object")
+    return params
+
+
+class MetaCheckpoint(Mapping[str, torch.Tensor]):
+    """A Meta checkpoint directory read lazily, under our names and in our q/k layout.
+
+    Opening maps every shard and checks that they hold the same tensor names (all of them
+    known); ``config`` is the architecture. ``ckpt[name]`` merges one tensor from the mapped
+    shards (a fresh tensor, except a one-shard checkpoint's tensors outside ``wq``/``wk``, which
+    are views of the mapped file: copy them before changing them); :meth:`rows` reads a
+    row range of it; :meth:`shape` reads nothing.
+    """
+
+    head = "lm"  # Meta's format has only the language-model head
+
+    def __init__(self, path: str | os.PathLike[str], max_seq_len: int | None = None) -> None:
+        self.root = Path(path)
+        params = read_params(self.root)
+        self._shards = [
+            torch.load(p, map_location="cpu", mmap=True, weights_only=True)
+            for p in shard_paths(self.root)
+        ]
+        self._names = [n for n in self._shards[0] if n not in _IGNORED]
+        for i, shard in enumerate(self._shards[1:], start=1):
+            if {n for n in shard if n not in _IGNORED} != set(self._names):
+                raise CheckpointError(
+                    f"{self.root}: shard {i} holds different tensors than shard 0"
+                )
+        for name in self._names:
+            split_dim(name)  # unknown names stop here, before any tensor is read
+        if "tok_embeddings.weight" not in self._names:
+            raise CheckpointError(f"Meta checkpoint {self.root}: no tok_embeddings.weight")
+        if max_seq_len is not None:
+            params = {**params, "max_seq_len": max_seq_len}
+        vocab = self._shards[0]["tok_embeddings.weight"].shape[0]
+        try:
+            self.config = LlamaConfig.from_meta_params(params, vocab_size=vocab)
+        except (ConfigError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{self.root / 'params.json'}: {err}") from err
+
+    def _pieces(self, name: str) -> list[torch.Tensor]:
+        if name not in self._shards[0] or name in _IGNORED:
+            raise KeyError(name)
+        return [shard[name] for shard in self._shards]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        pieces, dim = self._pieces(name), split_dim(name)
+        shape = list(pieces[0].shape)
+        if dim is not None:
+            shape[dim] = sum(p.shape[dim] for p in pieces)
+        return tuple(shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        pieces, dim = self._pieces(name), split_dim(name)
         if dim is None:
             if any(not torch.equal(pieces[0], p) for p in pieces[1:]):
-                raise CheckpointError(f"{source}: replicated tensor {name} differs between shards")
-            merged[name] = pieces[0]
+                raise CheckpointError(
+                    f"{self.root}: replicated tensor {name} differs between shards"
+                )
+            merged = pieces[0]
         else:
-            merged[name] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
-    return merged
+            merged = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        heads = _qk_heads(name, self.config)
+        return merged if heads is None else interleaved_to_halves(merged, heads)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of ``self[name]`` (a fresh tensor), reading only their pages."""
+        pieces, dim = self._pieces(name), split_dim(name)
+        index = torch.arange(start, stop)
+        heads = _qk_heads(name, self.config)
+        if heads is not None:  # our row r is Meta's row order[r]
+            total = self.shape(name)[0]
+            order = interleaved_to_halves(torch.arange(total).view(total, 1), heads).flatten()
+            index = order[start:stop]
+        if dim == 0:  # the rows are spread over the shards' row blocks
+            bounds = torch.tensor([0] + [p.shape[0] for p in pieces]).cumsum(0)
+            which = torch.searchsorted(bounds, index, right=True) - 1
+            out = torch.empty((len(index), *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+            for i, piece in enumerate(pieces):
+                hit = (which == i).nonzero().flatten()
+                if len(hit):
+                    out[hit] = piece[index[hit] - bounds[i]]
+            return out
+        if dim == 1:
+            return torch.cat([p[index] for p in pieces], dim=1)
+        return self[name][index]  # replicated: small (norms), checked across shards
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def load_meta(
@@ -116,29 +219,14 @@ def load_meta(
 ) -> Llama:
     """Read a Meta checkpoint directory into a :class:`Llama` (any number of shards).
 
-    ``vocab_size: -1`` in ``params.json`` is read from the embedding's rows. Shards are opened
-    memory-mapped (``torch.load(mmap=True)``), so the merged copy is the only one in RAM.
+    Streams (:class:`MetaCheckpoint`): the model is built on ``meta`` and each parameter is
+    merged from the mapped shards and converted one at a time, so the peak is the model plus one
+    tensor. ``vocab_size: -1`` in ``params.json`` is read from the embedding's shape.
     ``dtype=None`` keeps the stored dtype (bf16 for Meta's release). ``max_seq_len`` (absent
     from ``params.json``) defaults to 4096, LLaMA 2's context.
     """
-    root = Path(path)
-    params_file = root / "params.json"
-    if not params_file.is_file():
-        raise CheckpointError(f"{root} is not a Meta checkpoint: no params.json")
-    params = json.loads(params_file.read_text())
-    shards = [
-        torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in shard_paths(root)
-    ]
-    state = merge_shards(shards, str(root))
-    if "tok_embeddings.weight" not in state:
-        raise CheckpointError(f"Meta checkpoint {root}: no tok_embeddings.weight")
-    if max_seq_len is not None:
-        params = {**params, "max_seq_len": max_seq_len}
-    config = LlamaConfig.from_meta_params(
-        params, vocab_size=state["tok_embeddings.weight"].shape[0]
-    )
-    _permute_qk(state, config, to_meta=False)
-    model = build_from_state(config, "lm", state, str(root), device, dtype)
+    ckpt = MetaCheckpoint(path, max_seq_len)
+    model = build_from_state(ckpt.config, "lm", ckpt, str(ckpt.root), device, dtype)
     assert isinstance(model, Llama)
     return model
 

@@ -26,10 +26,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
 from llamalab.checkpoint import CheckpointError
+from llamalab.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
 from llamalab.model import LlamaConfig
 from llamalab.scale.build import sharding_mode
 from llamalab.scale.wrap import uncompiled
-from llamalab.scale.zero_gen import consolidated, settle_zero3
+from llamalab.scale.zero_gen import host_tensors, settle_zero3
 
 log = logging.getLogger("llamalab")
 
@@ -267,19 +268,26 @@ def check_resume_checkpoint(path: str | os.PathLike[str], arch: LlamaConfig, sta
 
 
 # ---------------------------------------------------------------------------- the export
-def export_from_trainer(trainer: Any, module: Any, path: Path) -> Path | None:
+def export_from_trainer(
+    trainer: Any, module: Any, path: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+) -> Path | None:
     """Write the Hugging Face export from rank 0 (every rank must call this).
 
-    Under ZeRO-3 / FSDP the weights are consolidated first, one unit at a time, with every rank
-    taking part in each gather and only rank 0 keeping the result
-    (:func:`llamalab.scale.zero_gen.consolidated`).
+    The weights stream from the model to safetensors shards of at most ``max_shard_size``
+    (``export.max_shard_size``): under ZeRO-3 / FSDP every rank takes part in gathering one unit
+    at a time, rank 0 copies each gathered unit to host memory and writes a shard whenever one
+    is full (:func:`llamalab.scale.zero_gen.host_tensors`). Nothing is cloned on the device,
+    and host memory holds about one shard plus one unit, never the model.
     """
     mode = sharding_mode(trainer.strategy)
     settle_zero3(trainer.strategy)
-    model = module.export_model()
-    model = uncompiled(model)
-    with consolidated(model, mode, rank0_only=True) as full:
+    model = uncompiled(module.export_model())
+    tensors = host_tensors(model, mode, keep=trainer.is_global_zero)
+    try:
         if trainer.is_global_zero:
-            module.export(path, model=full)
+            module.export(path, model=model, tensors=tensors, max_shard_size=max_shard_size)
+    finally:
+        for _ in tensors:  # the other ranks' gathers (or rank 0's, after an error) run to the end
+            pass
     trainer.strategy.barrier("llamalab-export")
     return path if trainer.is_global_zero else None

@@ -7,13 +7,11 @@ Which inputs a stage needs, and what produces them, is :mod:`llamalab.pipeline`'
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +20,8 @@ from rich.syntax import Syntax
 from rich.tree import Tree
 
 from llamalab import pipeline
-from llamalab.checkpoint import load_model
+from llamalab.checkpoint.loader import checkpoint_config
+from llamalab.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from llamalab.data.base import StageDataModule
 from llamalab.model import LlamaConfig
 from llamalab.model.config import ConfigError
@@ -75,6 +74,19 @@ def print_config(cfg: DictConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- inputs
+def export_shard_size(cfg: DictConfig) -> int:
+    """``export.max_shard_size`` in bytes (absent: the Hugging Face default); a bad value stops
+    here, before any model is built."""
+    value = (cfg.get("export") or {}).get("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
+    try:
+        size = parse_size(value)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"export.max_shard_size={value!r}: {err}") from err
+    if size <= 0:
+        raise ConfigError(f"export.max_shard_size={value!r}: must be more than 0 bytes")
+    return size
+
+
 def architecture(cfg: DictConfig) -> LlamaConfig:
     """The model size's architecture (validated now: an impossible config stops here)."""
     values = {k: cfg.model[k] for k in ARCH_KEYS}
@@ -126,13 +138,7 @@ def check_inputs(cfg: DictConfig) -> dict[str, Path]:
 
 def checkpoint_architecture(path: Path) -> LlamaConfig:
     """The architecture stored with a checkpoint, read without loading its weights."""
-    if (path / "config.json").exists():
-        return LlamaConfig.from_hf_config(json.loads((path / "config.json").read_text()))
-    if path.is_file() and path.suffix == ".ckpt":
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        if "llamalab" in ckpt:
-            return LlamaConfig.from_dict(ckpt["llamalab"]["model_config"])
-    return load_model(path).config
+    return checkpoint_config(path)
 
 
 def tokenizer_for(cfg: DictConfig, inputs: dict[str, Path]) -> str | None:
@@ -254,6 +260,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir()
     print_config(cfg)
     arch = architecture(cfg)  # impossible architectures stop here
+    shard_size = export_shard_size(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
     inputs = stage_inputs(cfg)
@@ -320,7 +327,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
 
-    exported = export_from_trainer(trainer, module, export_dir(out))
+    exported = export_from_trainer(trainer, module, export_dir(out), shard_size)
     finish_previous_run()  # flush and close the W&B run now, not in an exit hook
     if trainer.is_global_zero:
         link_latest(cfg, out)

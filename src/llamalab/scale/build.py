@@ -12,9 +12,11 @@ strategy wraps the module). Three modes, read from the trainer's strategy:
   shard (``to_empty``) and initialises it; loaded tensors are cut to the local shard.
 - ``"none"`` (auto, DDP, ZeRO-2): plain modules.
 
-So no process ever holds a whole model beyond one module, except on the fallback for
-checkpoints other than Hugging Face directories (Meta, ``.ckpt``, ZeRO and distributed
-checkpoints), which are read whole into CPU memory first (documented in docs/scale.md).
+So no process ever holds a whole model beyond one module. Hugging Face and Meta checkpoints are
+memory-mapped and read one tensor at a time (:class:`llamalab.checkpoint.lazy.LazyCheckpoint`):
+under ZeRO-3 only rank 0 reads (one tensor of host memory at a time), under FSDP2 each rank
+reads only its own rows. Our ``.ckpt``, ZeRO and distributed checkpoints are read whole into CPU
+memory first (documented in docs/scale.md).
 
 :func:`build_pretrained` is the one loader of the models a stage plays with (policy, reference,
 critic, reward models) in every mode, and :func:`load_roles` loads a stage's set of them
@@ -24,7 +26,6 @@ sharded like the stage's own model (PPO, rejection sampling).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -33,13 +34,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from llamalab.checkpoint import CheckpointError, load_backbone_into, load_model
-from llamalab.checkpoint.hf import from_hf_name, head_from_config
+from llamalab.checkpoint.lazy import LazyCheckpoint
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
 
 HEADS = {"lm": Llama, "scalar": LlamaScalar}
@@ -177,59 +178,14 @@ def build(
 
 
 # ---------------------------------------------------------------------------- reading
-class LazyState(Mapping[str, torch.Tensor]):
-    """A checkpoint's tensors under our names, read one at a time.
+class LazyState(LazyCheckpoint):
+    """A checkpoint's tensors read one at a time (:class:`~llamalab.checkpoint.lazy.
+    LazyCheckpoint`); a format read whole is built outside an active ``deepspeed.zero.Init``, so
+    it is a plain CPU model and not partitioned as it is built."""
 
-    Hugging Face safetensors directories are memory-mapped and each tensor is read when asked
-    for; every other format goes through :func:`llamalab.checkpoint.load_model` (whole, on CPU).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        root = (
-            self.path / "export" if (self.path / "export" / "config.json").exists() else self.path
-        )
-        self._files: dict[str, Any] = {}
-        self._where: dict[str, tuple[str, str]] = {}
-        self._state: dict[str, torch.Tensor] | None = None
-        if (root / "config.json").exists() and self._open_safetensors(root):
-            cfg = json.loads((root / "config.json").read_text())
-            self.config = LlamaConfig.from_hf_config(cfg)
-            self.head = head_from_config(cfg, root)
-        else:
-            with outside_zero_init():
-                model = load_model(self.path)
-            self._state = {k: v.detach() for k, v in model.named_parameters()}
-            self.config = model.config
-            self.head = "scalar" if isinstance(model, LlamaScalar) else "lm"
-
-    def _open_safetensors(self, root: Path) -> bool:
-        files = sorted(root.glob("*.safetensors"))
-        for file in files:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-            self._files[str(file)] = handle
-            for hf_name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if not hf_name.endswith("rotary_emb.inv_freq"):
-                    self._where[from_hf_name(hf_name)] = (str(file), hf_name)
-        return bool(files)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if self._state is not None:
-            return self._state[name]
-        file, hf_name = self._where[name]
-        return self._files[file].get_tensor(hf_name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._state if self._state is not None else self._where)
-
-    def __len__(self) -> int:
-        return len(self._state if self._state is not None else self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if self._state is not None:
-            return tuple(self._state[name].shape)
-        file, hf_name = self._where[name]
-        return tuple(self._files[file].get_slice(hf_name).get_shape())
+    def _load_whole(self, path: Path) -> nn.Module:
+        with outside_zero_init():
+            return load_model(path)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -258,6 +214,26 @@ def _expected(model: nn.Module, state: LazyState, source: str) -> set[str]:
     return set(ours)
 
 
+def local_rows(param: DTensor) -> tuple[int, int] | None:
+    """The rows ``start, stop`` of the whole tensor that this rank's shard of ``param`` holds,
+    when it is a block of whole rows (FSDP2's ``Shard(0)``); None for any other layout."""
+    full = tuple(param.shape)
+    local, offset = compute_local_shape_and_global_offset(full, param.device_mesh, param.placements)
+    if tuple(local[1:]) != full[1:] or any(offset[1:]) or tuple(param.to_local().shape) != local:
+        return None
+    return offset[0], offset[0] + local[0]
+
+
+@torch.no_grad()
+def fill(param: torch.Tensor, state: LazyState, name: str) -> None:
+    """Copy checkpoint tensor ``name`` into ``param``: an FSDP2 shard reads only its own rows
+    from the (memory-mapped) checkpoint; a gathered ZeRO-3 or plain parameter takes it whole."""
+    if isinstance(param, DTensor) and (bounds := local_rows(param)) is not None:
+        param.to_local().copy_(state.rows(name, *bounds))
+    else:
+        copy_into(param, state[name])
+
+
 @torch.no_grad()
 def copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
     """Copy a whole tensor into a parameter: into its local shard when it is an FSDP2 DTensor
@@ -272,7 +248,9 @@ def copy_into(param: torch.Tensor, tensor: torch.Tensor) -> None:
 
 
 def load_weights(model: nn.Module, state: LazyState, mode: str, source: str) -> None:
-    """Load ``state`` into ``model`` one unit (a block, the embedding, ...) at a time."""
+    """Load ``state`` into ``model`` one unit (a block, the embedding, ...) at a time, one
+    tensor read from the checkpoint at a time: under ZeRO-3 rank 0 reads and DeepSpeed
+    scatters, under FSDP2 each rank reads its own rows (:func:`fill`)."""
     names = _expected(model, state, source)
     writes = mode != "zero3" or is_rank_zero()  # under ZeRO-3 rank 0 writes, DeepSpeed scatters
     for prefix, unit in units(model):
@@ -282,7 +260,7 @@ def load_weights(model: nn.Module, state: LazyState, mode: str, source: str) -> 
         with gathered(unit, mode, modifier_rank=0):
             if writes:
                 for name, param in todo:
-                    copy_into(param, state[name])
+                    fill(param, state, name)
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -7,7 +7,10 @@ codebase met. The paper's fix, for FSDP: consolidate the weights on each GPU onc
 batch, generate, free them. Here:
 
 - :func:`consolidated` builds a plain (unsharded) copy of the model, gathered one unit at a
-  time; generation then runs locally with no communication at all. Also the export's source.
+  time; generation then runs locally with no communication at all.
+- :func:`host_tensors` is the export's source: each unit is gathered, copied straight to host
+  memory and handed on, so the export (:func:`llamalab.checkpoint.save_hf`, which writes shard
+  by shard) never holds the whole model, on the device or on the host.
 - :class:`LockstepModel` is the fallback when the copy does not fit: the sharded model itself
   (DeepSpeed / FSDP gather per module per forward), with every rank doing the same number of
   forwards, since a rank whose rows all hit EOS early would otherwise leave the others waiting
@@ -51,6 +54,32 @@ def unit_state(unit: nn.Module, prefix: str, mode: str, keep: bool) -> dict[str,
             if keep:
                 out[prefix + name] = full.detach().clone()
     return out
+
+
+def host_tensors(
+    model: nn.Module, mode: str, keep: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, whole tensor in host memory)`` for every parameter, one unit at a time.
+
+    Under ZeRO-3 / FSDP each unit is gathered (a collective: every rank must run this generator
+    to its end) and, where ``keep``, copied to the host inside the gather; the gather is released
+    before the unit's tensors are handed on, so at most one unit is held beyond the consumer's
+    own buffer. Ranks with ``keep=False`` take part in the gathers and get nothing. Unsharded
+    (``mode="none"``), the parameters themselves are handed on (a device tensor is copied to
+    the host by the consumer).
+    """
+    for prefix, unit in units(model):
+        if mode == "none":
+            if keep:
+                yield from ((prefix + n, p.detach()) for n, p in unit.named_parameters())
+            continue
+        out: list[tuple[str, torch.Tensor]] = []
+        with torch.no_grad(), gathered(unit, mode, modifier_rank=None):
+            for name, p in unit.named_parameters():
+                full = p.full_tensor() if isinstance(p, DTensor) else p  # FSDP: a collective
+                if keep:  # a copy: DeepSpeed reuses or frees the gathered buffer
+                    out.append((prefix + name, full.detach().to("cpu", copy=True)))
+        yield from out
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
-from llamalab.checkpoint import load_backbone_into, load_model, load_state_into, save_hf
+from llamalab.checkpoint import save_hf
 from llamalab.checkpoint.io import check_state_shapes
+from llamalab.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
 from llamalab.data.base import StageDataModule
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
 from llamalab.model.config import ConfigError
@@ -141,20 +143,13 @@ class LlamaStage(L.LightningModule):
         return module_sharding(self) != "none"
 
     def load_init(self, model: nn.Module) -> None:
-        """Copy ``init`` weights into ``model`` (an LM checkpoint into a scalar model keeps all
-        but the head)."""
+        """Copy ``init`` weights into ``model``, one tensor at a time from a memory-mapped
+        checkpoint where the format allows (an LM checkpoint into a scalar model keeps all but
+        the head; under ZeRO-3 / FSDP one module, or shard, at a time)."""
         if not self.init_path:
             return
         mode = module_sharding(self)
-        if mode != "none":  # ZeRO-3 / FSDP: one module (or shard) at a time
-            load_weights(model, LazyState(self.init_path), mode, f"stage.init={self.init_path}")
-            return
-        source = load_model(self.init_path)
-        state = source.state_dict()
-        if isinstance(model, LlamaScalar) and not isinstance(source, LlamaScalar):
-            load_backbone_into(model, state, source=self.init_path)
-        else:
-            load_state_into(model, state, source=self.init_path)
+        load_weights(model, LazyState(self.init_path), mode, self.init_path)
 
     def configure_model(self) -> None:
         """Build the model once (Lightning may call this more than once)."""
@@ -315,11 +310,19 @@ class LlamaStage(L.LightningModule):
         assert self.model is not None
         return self.model
 
-    def export(self, path: str | Path, model: nn.Module | None = None) -> Path:
-        """Write the Hugging Face directory (config.json + safetensors + tokenizer) of ``model``
-        (default :meth:`export_model`; a sharded run passes the consolidated copy)."""
+    def export(
+        self,
+        path: str | Path,
+        model: nn.Module | None = None,
+        tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ) -> Path:
+        """Write the Hugging Face directory (config.json + safetensors shards of at most
+        ``max_shard_size`` + tokenizer) of ``model`` (default :meth:`export_model`). A sharded
+        run passes its weights as ``tensors``, gathered one unit at a time
+        (:func:`llamalab.runner.checkpoints.export_from_trainer`)."""
         tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         model = self.export_model() if model is None else model
         model = uncompiled(model)
-        save_hf(model, tokenizer, path)  # type: ignore[arg-type]
+        save_hf(model, tokenizer, path, max_shard_size=max_shard_size, tensors=tensors)  # type: ignore[arg-type]
         return Path(path)
