@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -23,6 +24,7 @@ from llamalab.runner.callbacks import Preempted, PreemptionCheckpoint, RNGStateC
 from llamalab.runner.checkpoints import (
     WRITE_DELAY_ENV,
     AtomicCheckpointIO,
+    AtomicModelCheckpoint,
     atomic_write,
     checkpoint_plugins,
     resolve_ckpt_path,
@@ -90,6 +92,19 @@ def test_a_commit_replaces_a_checkpoint_or_its_link_in_one_step(tmp_path: Path) 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step000002.ckpt"]
     remove_path(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_the_last_link_replaces_a_preemption_save_in_one_rename(tmp_path: Path) -> None:
+    """``save_last: link`` after a sharded preemption save: ``last.ckpt`` (a directory) becomes
+    a link to the new periodic checkpoint; the directory is set aside before it is deleted."""
+    _shards(tmp_path / "last.ckpt", 3)
+    _shards(tmp_path / "step000004.ckpt", 4)
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(barrier=lambda: None))
+    AtomicModelCheckpoint._link_checkpoint(
+        trainer, str(tmp_path / "step000004.ckpt"), str(tmp_path / "last.ckpt")
+    )
+    assert os.readlink(tmp_path / "last.ckpt") == "step000004.ckpt"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step000004.ckpt"]
 
 
 def test_ckpt_path_auto_never_sees_an_uncommitted_or_half_replaced_save(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,10 +29,18 @@ from typing import IO, Any, cast
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
 from llamalab.checkpoint import CheckpointError
-from llamalab.checkpoint.commit import fsync_dir, interrupted_commits, is_committed_name, recover
+from llamalab.checkpoint.commit import (
+    PARTIAL_DIR,
+    commit,
+    fsync_dir,
+    interrupted_commits,
+    is_committed_name,
+    recover,
+)
 from llamalab.model import LlamaConfig
 from llamalab.scale.build import is_rank_zero, sharding_mode
 from llamalab.scale.wrap import uncompiled
@@ -123,6 +132,22 @@ def checkpoint_plugins(strategy: Any) -> list[Any]:
     if isinstance(strategy, (DDPStrategy, SingleDeviceStrategy)):
         return [AtomicCheckpointIO()]
     return []
+
+
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``callbacks.model_checkpoint``) whose ``last`` link
+    replaces the previous ``last`` in one rename. Lightning deletes the old ``last`` first and
+    links after: a crash in between left no ``last``, and one during the deletion of a sharded
+    ``last.ckpt`` directory (a preemption save) a torn directory under a committed name."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link = Path(linkpath)
+            fresh = link.with_name(f"{link.name}{PARTIAL_DIR}{uuid.uuid4().hex[:12]}")
+            fresh.symlink_to(os.path.relpath(filepath, link.parent))
+            commit(fresh, link)
+        trainer.strategy.barrier()
 
 
 # ---------------------------------------------------------------------------- finding a resume point

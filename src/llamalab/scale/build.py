@@ -52,7 +52,7 @@ def sharding_mode(strategy: Any) -> str:
     name = type(strategy).__name__
     if "DeepSpeed" in name and getattr(strategy, "zero_stage_3", False):
         return "zero3"
-    if name == "ModelParallelStrategy":
+    if "ModelParallelStrategy" in name:  # Lightning's, or llamalab.scale.strategies' subclass
         return "fsdp"
     return "none"
 
