@@ -7,11 +7,13 @@ HYDRA_FULL_ERROR=1 for the traceback).
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from llamalab.runner.cli import run_cli
-from llamalab.runner.paths import register_resolvers
+from llamalab.runner.paths import check_launch, register_resolvers
 from llamalab.runner.run import train
 
 register_resolvers()
@@ -26,4 +28,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    run_cli(check_launch, sys.argv[1:])  # every rank of a launch must share one run directory
     main()

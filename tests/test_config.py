@@ -159,4 +159,4 @@ def test_loggers_instantiate_offline(logger: str, tmp_path: Path) -> None:
 def test_callbacks_instantiate(tmp_path: Path) -> None:
     cfg = compose_config(output_dir=tmp_path)
     names = {type(instantiate(c)).__name__ for c in cfg.callbacks.values()}
-    assert {"ModelCheckpoint", "LearningRateMonitor", "RichProgressBar"} <= names
+    assert {"AtomicModelCheckpoint", "LearningRateMonitor", "RichProgressBar"} <= names

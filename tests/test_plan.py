@@ -272,6 +272,25 @@ def test_70b_ppo_on_8x8_zero3_fits_and_adds_up() -> None:
     assert not no_ckpt.fits and "activation_checkpointing=true" in no_ckpt.reason
 
 
+def test_70b_ppo_checkpoint_disk() -> None:
+    """One save holds the actor and the critic (fp32 master weights + AdamW moments, 12 bytes a
+    parameter; the frozen models are reloaded, not saved), each rank writes 1/64 of it, and the
+    disk holds the kept checkpoints plus the one being written (last.ckpt is a link)."""
+    plan = plan_70b_ppo()
+    trained = 68_976_648_192 + 68_714_512_384  # actor (LM head) + critic (scalar head)
+    assert plan.checkpoint_bytes == 12 * trained  # about 1.65 TB
+    assert plan.checkpoint_bytes_per_gpu == -(-12 * trained // 64)
+    assert (plan.checkpoints_kept, plan.checkpoint_disk_bytes) == (1, 2 * 12 * trained)
+    zero2 = plan_70b_ppo(strategy="deepspeed_zero2", checkpoints_kept=3)  # + bf16 module weights
+    assert (
+        zero2.checkpoint_bytes == 14 * trained and zero2.checkpoint_disk_bytes == 4 * 14 * trained
+    )
+    assert zero2.checkpoint_bytes_per_gpu == -(-12 * trained // 64) + 2 * trained
+    true16 = plan_70b_ppo(strategy="fsdp", precision="bf16-true")
+    assert true16.checkpoint_bytes == 6 * trained
+    assert "1538.82 GiB on disk" in plan.render()
+
+
 def test_70b_ppo_on_one_gpu_stops_with_the_reason() -> None:
     plan = plan_70b_ppo(devices=1, nodes=1)
     assert not plan.fits

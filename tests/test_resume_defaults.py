@@ -27,7 +27,7 @@ import torch
 from helpers import launch_train, run_train
 from safetensors.torch import load_file
 
-from llamalab.runner.callbacks import PREEMPT_AT_STEP_ENV, SIGNAL_AT_BATCH_ENV
+from llamalab.runner.callbacks import PREEMPT_AT_STEP_ENV, SIGNAL_AT_BATCH_ENV, SIGNAL_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -72,17 +72,25 @@ def saved_step(run_dir: Path) -> int:
 
 
 def interrupted(
-    overrides: list[str], cache_dir: Path, stops: list[dict[str, str]], out: Path
+    overrides: list[str],
+    cache_dir: Path,
+    stops: list[dict[str, str]],
+    out: Path,
+    resume: str = "last",
 ) -> Path:
     """Run ``overrides`` stopped by each env hook of ``stops`` in turn (each launch after the
-    first resumes with ``ckpt_path=last``), then once more to the end."""
+    first resumes with ``ckpt_path=last``), then once more to the end. ``resume="auto"``: every
+    launch, the first included, carries ``ckpt_path=auto``: the one command a SLURM job requeues.
+    """
     args = [*overrides, f"paths.output_dir={out}"]
     for i, hook in enumerate(stops):
-        resume = ["ckpt_path=last"] if i else []
-        result = run_train([*args, *resume], cache_dir, env=hook)
-        assert result.returncode == 143, (hook, result.stderr[-3000:])
+        again = [f"ckpt_path={resume}"] if i or resume == "auto" else []
+        result = run_train([*args, *again], cache_dir, env=hook)
+        sent = signal.Signals[f"SIG{hook.get(SIGNAL_ENV, 'TERM')}"]
+        assert result.returncode == 128 + sent, (hook, result.stderr[-3000:])  # 143, 140 ...
+        assert f"{sent.name}: stopped after step" in result.stdout + result.stderr
         assert not (out / "export").exists()  # a preempted run exports nothing
-    result = run_train([*args, "ckpt_path=last"], cache_dir)
+    result = run_train([*args, f"ckpt_path={resume}"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -127,13 +135,15 @@ def test_default_pretraining_with_accumulation_resumes_exactly(
     tmp_path: Path, cache_dir: Path
 ) -> None:
     """``data.batch_size=8``: 2 micro-batches per step. A real SIGTERM as micro-batch 6 starts
-    (the first half of step 4) is honoured after step 4, and one as micro-batch 13 starts (the
-    second half of step 7) after step 7. 10 steps: the checkpoint and validation crossings are
-    the test above's (each step here costs as much, and the suite's time is bounded)."""
+    (the first half of step 4) is honoured after step 4, and a real SIGUSR2 (SLURM's time-limit
+    warning under submitit) as micro-batch 13 starts (the second half of step 7) after step 7.
+    Every launch is the same command with ``ckpt_path=auto``, as a requeued SLURM job runs it.
+    10 steps: the checkpoint and validation crossings are the test above's (each step here costs
+    as much, and the suite's time is bounded)."""
     overrides = ["trainer.max_steps=10", "data.batch_size=8"]
     reference = straight(overrides, cache_dir, tmp_path / "straight")
-    stops = [{SIGNAL_AT_BATCH_ENV: "6"}, {SIGNAL_AT_BATCH_ENV: "13"}]
-    resumed = interrupted(overrides, cache_dir, stops, tmp_path / "resumed")
+    stops = [{SIGNAL_AT_BATCH_ENV: "6"}, {SIGNAL_AT_BATCH_ENV: "13", SIGNAL_ENV: "USR2"}]
+    resumed = interrupted(overrides, cache_dir, stops, tmp_path / "resumed", resume="auto")
     assert_identical(weights(reference), weights(resumed))
 
 

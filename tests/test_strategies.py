@@ -161,5 +161,6 @@ def test_gather_verdicts() -> None:
 def test_slurm_launcher_config_takes_the_cluster_of_the_model(tmp_path: Path) -> None:
     cfg = compose_config(["hydra/launcher=slurm", "model=13b"], tmp_path)
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("SlurmLauncher")
+    # submitit's launcher whose requeued jobs resume (tests/test_crash_safety.py runs its requeue)
+    assert launcher._target_ == "llamalab.runner.slurm_launcher.ResumingSlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)

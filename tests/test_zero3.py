@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import lazy_import, run_train
+from helpers import compose_config, lazy_import, run_train
 from helpers.rlhf import tiny_config
 
 from llamalab.checkpoint import load_model
 from llamalab.model import Llama
+from llamalab.runner.run import architecture
+from llamalab.scale.plan_cfg import plan_from_config
 from llamalab.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,6 +263,25 @@ def test_resume_under_zero3_continues_exactly(runs: dict[str, Path]) -> None:
     same_weights(runs["resumed"] / "export", runs["zero3"] / "export")
     with pytest.raises(AssertionError):  # and the step did change the weights
         same_weights(runs["zero3"] / "checkpoints" / "step000001.ckpt", runs["zero3"] / "export")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_plan_checkpoint_bytes_are_the_bytes_written(runs: dict[str, Path]) -> None:
+    """``dry_run``'s checkpoint figures against the runs' real checkpoints: the bytes of one save
+    (all ranks' files, within 2%: Lightning's loop and callback states, DeepSpeed's shape tables
+    and padding are not counted) and the number kept (``save_top_k=-1``: one per step here)."""
+    for name, strategy in (("ddp", "ddp"), ("zero3", "deepspeed_zero3"), ("fsdp", "fsdp")):
+        cfg = compose_config([*pretrain_args(runs[name], *distributed(strategy)),
+                              "trainer.max_steps=2"], runs[name])  # fmt: skip
+        plan = plan_from_config(cfg, architecture(cfg), {})
+        saves = sorted((runs[name] / "checkpoints").glob("step*.ckpt"))
+        assert plan.checkpoints_kept == len(saves) == 2, name
+        last = saves[-1]
+        files = [f for f in last.rglob("*") if f.is_file()] if last.is_dir() else [last]
+        written = sum(f.stat().st_size for f in files)
+        assert written == pytest.approx(plan.checkpoint_bytes, rel=0.02), name
+        assert plan.checkpoint_disk_bytes == 3 * plan.checkpoint_bytes
 
 
 # ---------------------------------------------------------------------------- PPO

@@ -1,7 +1,7 @@
 """Test helpers, one package: compose the real config, run `src/train.py` as a user would.
 
 - ``helpers`` (this module): ``compose_config``, ``run_train`` / ``launch_train`` (the one way a
-  test runs an entry point in a subprocess), ``train_env``;
+  test runs an entry point in a subprocess; ``torchrun_train`` under torchrun), ``train_env``;
 - ``helpers.data``: a small tokenizer trained once per session, JSONL / Parquet writers;
 - ``helpers.rlhf``: tiny policy and reward-model checkpoints, CSV metrics readers.
 
@@ -108,6 +108,23 @@ def run_train(
         timeout=timeout,
         env=train_env(cache_dir, env),
         cwd=str(cwd or REPO),
+    )
+
+
+def torchrun_train(
+    overrides: Sequence[str], cache_dir: Path | None, nproc: int = 2, timeout: int = 900
+) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc-per-node=N src/train.py OVERRIDES`: every rank started
+    by torchrun, none by Lightning (the ranks find their run directory on their own)."""
+    check_markers([*overrides, f"trainer.devices={nproc}"])
+    command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return subprocess.run(
+        [sys.executable, *command, str(TRAIN), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=train_env(cache_dir),
+        cwd=str(REPO),
     )
 
 

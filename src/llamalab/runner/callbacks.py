@@ -1,13 +1,29 @@
 """Callbacks every run gets, whatever ``callbacks=`` says: W&B tracking, a checkpoint on
 preemption, and the RNG states carried in every checkpoint (exact resume); and :func:`fit`,
-which ends a preempted run with ``128 + signal`` once its checkpoint is saved."""
+which ends a preempted run with ``128 + signal`` once its checkpoint is saved, after asking
+SLURM to requeue the job when the signal announced its time limit.
+
+What each signal does (README, "Reliability"):
+
+- SIGTERM (preemption, ``scancel``, Kubernetes), SIGUSR1 and SIGUSR2 (SLURM's ``--signal``
+  warning before the time limit; submitit sends SIGUSR2): finish the current optimizer step, save
+  ``checkpoints/last.ckpt``, stop, exit ``128 + signal`` (143, 138, 140);
+- SIGUSR1 / SIGUSR2 in a SLURM batch job: before exiting, rank 0 requeues the job (a handler that
+  a launcher installed for the signal, submitit's, does it instead; ``hydra/launcher=slurm``
+  resubmits with ``ckpt_path=auto``). The requeued job keeps its id, hence its run directory
+  (:mod:`llamalab.runner.paths`), and continues from ``last.ckpt`` with ``ckpt_path=auto``.
+  SIGTERM requeues nothing: on preemption SLURM requeues by itself when configured to.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+import re
 import signal
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,6 +48,12 @@ PREEMPT_AT_STEP_ENV = "LLAMALAB_PREEMPT_AT_STEP"
 # over the whole run) starts, e.g. in the middle of gradient accumulation. Unlike the hook above
 # this goes through the signal handler, exactly like a scheduler's SIGTERM.
 SIGNAL_AT_BATCH_ENV = "LLAMALAB_SIGNAL_AT_BATCH"
+# ... and which signal it sends: TERM (the default), USR1 or USR2.
+SIGNAL_ENV = "LLAMALAB_SIGNAL"
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# SLURM's warning before a time limit (`--signal=USR1@120`; submitit uses USR2): requeue the job.
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 
 
 def default_callbacks(cfg: DictConfig) -> list[Any]:
@@ -57,16 +79,41 @@ def _accumulating(trainer: L.Trainer) -> bool:
     )
 
 
-def _slurm_requeue(trainer: L.Trainer) -> bool:
-    """Lightning handles SIGUSR1 itself on SLURM with auto-requeue (hpc checkpoint + requeue)."""
+def slurm_job_id(env: Any = None) -> str | None:
+    """The id ``scontrol requeue`` takes (``<array job>_<task>`` in an array), or None outside
+    a SLURM batch job (an interactive ``salloc`` shell has nothing to requeue)."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID") or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array}_{task}" if array and task else env["SLURM_JOB_ID"]
+    return job if re.fullmatch(r"[0-9_]+", job) else None
+
+
+def _auto_requeue(trainer: L.Trainer) -> bool:
+    """Lightning's switch (``SLURMEnvironment(auto_requeue=False)`` turns requeueing off)."""
     env = trainer._accelerator_connector.cluster_environment
-    return isinstance(env, SLURMEnvironment) and bool(env.auto_requeue)
+    return not isinstance(env, SLURMEnvironment) or bool(env.auto_requeue)
+
+
+def requeue_slurm_job(job: str) -> bool:
+    """``scontrol requeue JOB``; False (with a warning) when it fails."""
+    try:
+        done = subprocess.run(["scontrol", "requeue", job], timeout=60, check=False).returncode
+    except (OSError, subprocess.TimeoutExpired) as err:
+        log.warning("could not requeue SLURM job %s: %s", job, err)
+        return False
+    if done != 0:
+        log.warning("scontrol requeue %s failed with exit code %d", job, done)
+        return False
+    log.warning("requeued SLURM job %s: it continues from the saved checkpoint", job)
+    return True
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM or SIGUSR1: finish the current step, save ``<dirpath>/last.ckpt`` through the
-    trainer (weights, optimizer, schedule, loops, data position, RNG states, stage state), and
-    stop. :func:`fit` then exits with ``128 + signal``; the next launch
+    """On SIGTERM, SIGUSR1 or SIGUSR2: finish the current step, save ``<dirpath>/last.ckpt``
+    through the trainer (weights, optimizer, schedule, loops, data position, RNG states, stage
+    state), and stop. :func:`fit` then exits with ``128 + signal``; the next launch
     with the same ``paths.output_dir`` and ``ckpt_path=last`` (or ``auto``) continues.
 
     - The save waits for an optimizer-step boundary: mid gradient accumulation, the gradients
@@ -81,14 +128,18 @@ class PreemptionCheckpoint(Callback):
       training batch on, a signal is only recorded, whatever the run is doing (validation
       included), and acted on at the next optimizer-step boundary. If Lightning's handler still
       ran (a signal before training starts), ``on_exception`` saves in a single process.
-    - On SLURM with auto-requeue, SIGUSR1 stays Lightning's (``hpc_ckpt_N.ckpt``, requeue);
-      ``ckpt_path=auto`` finds that checkpoint too.
+    - The Python handler SIGUSR1 / SIGUSR2 had before the run (a launcher's: submitit's
+      checkpoint-and-requeue for SIGUSR2) is kept and called by :func:`fit` once the checkpoint is on disk
+      (:meth:`after_stop`). Without one, a SIGUSR1 / SIGUSR2 in a SLURM batch job makes rank 0
+      requeue the job. Lightning's own SLURM handler (``hpc_ckpt_N.ckpt`` written from inside
+      the handler, in the middle of a step) is not used: ``ckpt_path=auto`` still finds such a
+      checkpoint from an older run.
     """
 
     def __init__(
         self,
         dirpath: str | os.PathLike[str],
-        signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1),
+        signals: tuple[int, ...] = PREEMPTION_SIGNALS,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.signals = tuple(int(s) for s in signals)
@@ -100,16 +151,22 @@ class PreemptionCheckpoint(Callback):
         self._stop_at = int(stop_at) if stop_at else None
         signal_at = os.environ.get(SIGNAL_AT_BATCH_ENV)
         self._signal_at = int(signal_at) if signal_at else None
+        sent = (os.environ.get(SIGNAL_ENV) or "TERM").upper().removeprefix("SIG")
+        self._signal_sent = signal.Signals[f"SIG{sent}"]
+        self._launcher_handlers: dict[int, Any] = {}  # what each signal did before the run
+        self._requeue = True  # Lightning's SLURMEnvironment.auto_requeue, read at setup
 
     # ------------------------------------------------------------------ signal handlers
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
         for signum in self.signals:
-            if signum == signal.SIGUSR1 and _slurm_requeue(trainer):
-                continue
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
+        self._launcher_handlers = {
+            s: h for s, h in self._previous.items() if callable(h) and s in REQUEUE_SIGNALS
+        }
+        self._requeue = _auto_requeue(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for signum in self._previous:  # take the handlers back from Lightning's (see above)
@@ -136,7 +193,7 @@ class PreemptionCheckpoint(Callback):
             return
         started = trainer.fit_loop.epoch_loop.batch_progress.total.started
         if started == self._signal_at:  # `started` counts the batches begun before this one
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self._signal_sent)
 
     def on_train_batch_end(
         self,
@@ -206,11 +263,28 @@ class PreemptionCheckpoint(Callback):
                 name, trainer.global_step, path, self.dirpath.parent,
             )  # fmt: skip
 
+    def after_stop(self, trainer: L.Trainer) -> None:
+        """Once the checkpoint is saved and training stopped: run the handler a launcher had
+        installed for the signal (submitit's requeues with ``ckpt_path=auto`` under
+        ``hydra/launcher=slurm``), or else requeue the SLURM job from rank 0 on SIGUSR1 /
+        SIGUSR2. A launcher handler that exits (submitit's does) leaves the exit code ours."""
+        if self.signum is None:
+            return
+        handler = self._launcher_handlers.get(self.signum)
+        if handler is not None:
+            with contextlib.suppress(SystemExit):
+                handler(self.signum, None)
+            return
+        job = slurm_job_id()
+        if self.signum in REQUEUE_SIGNALS and job and self._requeue and trainer.is_global_zero:
+            requeue_slurm_job(job)
+
 
 # ---------------------------------------------------------------------------- the fit
 class Preempted(SystemExit):
     """The run stopped on a preemption signal after saving its checkpoint; the process exits
-    with ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1), like a process the signal killed,
+    with ``128 + signal`` (143 for SIGTERM, 138 for SIGUSR1, 140 for SIGUSR2), like a process
+    the signal killed,
     so launch scripts and schedulers see that it did not finish."""
 
     def __init__(self, signum: int, saved: str | None) -> None:
@@ -220,7 +294,8 @@ class Preempted(SystemExit):
 
 def fit(trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None) -> None:
     """``trainer.fit``; raises :class:`Preempted` when a preemption signal stopped it (after
-    :class:`PreemptionCheckpoint` saved ``checkpoints/last.ckpt``)."""
+    :class:`PreemptionCheckpoint` saved ``checkpoints/last.ckpt`` and, for a SLURM time limit,
+    requeued the job: :meth:`PreemptionCheckpoint.after_stop`)."""
     callback = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -228,6 +303,7 @@ def fit(trainer: Any, module: Any, datamodule: Any, ckpt_path: str | None) -> No
         saved = callback.saved_path if callback is not None else None
         raise Preempted(signal.SIGTERM, saved) from None
     if callback is not None and callback.signum is not None:
+        callback.after_stop(trainer)
         raise Preempted(callback.signum, callback.saved_path)
 
 

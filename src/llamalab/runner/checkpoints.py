@@ -6,9 +6,14 @@ A run may be killed at any instant (SIGKILL, OOM killer, node failure). What it 
 survive that: every checkpoint file is written under a temporary name in the same folder,
 flushed to disk and renamed into place (``os.replace`` is atomic on POSIX), so a kill mid-write
 leaves the previous file intact and only a ``*.tmp-<pid>`` partial behind, which the next launch
-removes. The callbacks that save on SIGTERM/SIGUSR1 and carry RNG states, and the fit that ends
-a preempted run, live in :mod:`llamalab.runner.callbacks`; the failure-mode table is
-``docs/reliability.md``.
+removes. Sharded checkpoints (DeepSpeed, FSDP) are directories that every rank writes: they go
+to a fresh ``<name>.partial-<token>`` directory that rank 0 renames into place once every rank
+has finished (:mod:`llamalab.checkpoint.commit`, used by the strategies in :mod:`llamalab.scale`);
+``ckpt_path=auto`` only ever sees committed names. ``checkpoints/last.ckpt`` is a link to the
+newest periodic checkpoint (``save_last: link``), a full save only when it is the sole copy of
+its step (a preemption save, or a run that saved nothing else). The callbacks that save on
+SIGTERM/SIGUSR1/SIGUSR2 and carry RNG states, and the fit that ends a preempted run, live in
+:mod:`llamalab.runner.callbacks`; the failure-mode table is ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +29,21 @@ from typing import IO, Any, cast
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
 from llamalab.checkpoint import CheckpointError
+from llamalab.checkpoint.commit import (
+    PARTIAL_DIR,
+    commit,
+    fsync_dir,
+    interrupted_commits,
+    is_committed_name,
+    recover,
+)
 from llamalab.checkpoint.shards import DEFAULT_MAX_SHARD_SIZE
 from llamalab.model import LlamaConfig
-from llamalab.scale.build import sharding_mode
+from llamalab.scale.build import is_rank_zero, sharding_mode
 from llamalab.scale.wrap import uncompiled
 from llamalab.scale.zero_gen import host_tensors, settle_zero3
 
@@ -46,20 +61,6 @@ class MissingCheckpointError(FileNotFoundError):
 
 
 # ---------------------------------------------------------------------------- atomic files
-def fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (the directory entry itself is flushed)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems refuse to open directories: the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Write a file through ``write(f)`` to ``<path>.tmp-<pid>``, fsync, rename onto ``path``.
 
@@ -134,6 +135,22 @@ def checkpoint_plugins(strategy: Any) -> list[Any]:
     return []
 
 
+class AtomicModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` (``callbacks.model_checkpoint``) whose ``last`` link
+    replaces the previous ``last`` in one rename. Lightning deletes the old ``last`` first and
+    links after: a crash in between left no ``last``, and one during the deletion of a sharded
+    ``last.ckpt`` directory (a preemption save) a torn directory under a committed name."""
+
+    @staticmethod
+    def _link_checkpoint(trainer: Any, filepath: str, linkpath: str) -> None:
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            link = Path(linkpath)
+            fresh = link.with_name(f"{link.name}{PARTIAL_DIR}{uuid.uuid4().hex[:12]}")
+            fresh.symlink_to(os.path.relpath(filepath, link.parent))
+            commit(fresh, link)
+        trainer.strategy.barrier()
+
+
 # ---------------------------------------------------------------------------- finding a resume point
 def _pid_alive(pid: int) -> bool:
     try:
@@ -175,19 +192,35 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 def resume_candidates(out_dir: Path) -> list[Path]:
     """Checkpoints of the run in ``out_dir``, newest first: ``checkpoints/*.ckpt`` (``last``,
-    periodic, preemption) and Lightning's SLURM ``hpc_ckpt_*.ckpt``."""
-    found = [*(out_dir / "checkpoints").glob("*.ckpt"), *out_dir.glob("hpc_ckpt_*.ckpt")]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    periodic, preemption) and Lightning's SLURM ``hpc_ckpt_*.ckpt``. A link (``last.ckpt``)
+    counts as its target, a dangling one not at all; a name whose commit a crash interrupted
+    counts with its previous version (which rank 0 puts back, :func:`find_resume_checkpoint`)."""
+    folder = out_dir / "checkpoints"
+    dated: dict[Path, float] = {}
+    for path in [*folder.glob("*.ckpt"), *out_dir.glob("hpc_ckpt_*.ckpt")]:
+        if not is_committed_name(path) or not path.exists():  # a dangling link: skip it
+            continue
+        target = Path(os.path.realpath(path)) if path.is_symlink() else path
+        dated[target] = target.stat().st_mtime
+    for name in interrupted_commits(folder):
+        olds = sorted(folder.glob(f"{name.name}.old-*"))
+        if olds and name.suffix == ".ckpt":
+            dated[name] = olds[-1].stat().st_mtime
+    return sorted(dated, key=lambda p: dated[p], reverse=True)
 
 
 def find_resume_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
-    """The newest complete checkpoint of the run in ``out_dir`` (partials removed, torn files
-    skipped with a warning), or None."""
+    """The newest complete checkpoint of the run in ``out_dir`` (torn files skipped with a
+    warning), or None. First the leftovers of a killed run go: ``*.tmp-<pid>`` files of dead
+    writers (any rank), and on rank 0 uncommitted sharded saves (:func:`recover`). The answer
+    does not depend on whether rank 0 has cleaned up yet, so every rank finds the same one."""
     out = Path(out_dir)
     remove_partial_writes(out / "checkpoints")
     remove_partial_writes(out)
+    if is_rank_zero():
+        recover(out / "checkpoints")
     for path in resume_candidates(out):
-        if is_complete_checkpoint(path):
+        if not path.exists() or is_complete_checkpoint(path):  # not yet put back by rank 0
             return path
         log.warning("skipping %s: incomplete or unreadable checkpoint", path)
     return None
@@ -221,6 +254,12 @@ def resolve_ckpt_path(value: Any, out_dir: str | os.PathLike[str]) -> str | None
     path = Path(str(value)).expanduser()
     if not path.exists():
         raise MissingCheckpointError(f"ckpt_path={value} does not exist")
+    if not is_committed_name(path):
+        raise CheckpointError(
+            f"ckpt_path={value} is a checkpoint whose save never finished on every rank, or one "
+            "being replaced or deleted: pass a committed one (its name ends in .ckpt), or "
+            "ckpt_path=auto for the newest of the run in paths.output_dir"
+        )
     if not is_complete_checkpoint(path):
         raise CheckpointError(
             f"ckpt_path={value} is not a complete checkpoint (truncated, or not written by "

@@ -53,7 +53,7 @@ def sharding_mode(strategy: Any) -> str:
     name = type(strategy).__name__
     if "DeepSpeed" in name and getattr(strategy, "zero_stage_3", False):
         return "zero3"
-    if name == "ModelParallelStrategy":
+    if "ModelParallelStrategy" in name:  # Lightning's, or llamalab.scale.strategies' subclass
         return "fsdp"
     return "none"
 
@@ -80,11 +80,13 @@ def full_numel(p: torch.Tensor) -> int:
 
 
 def is_rank_zero() -> bool:
-    """Rank 0 of the process group, or of the launch (``RANK`` / ``LOCAL_RANK``) before the
-    group exists; True in a single process."""
+    """Rank 0 of the process group, or of the launch before the group exists (every rank
+    variable a launcher sets is 0 or unset: torchrun's ``RANK``, srun's ``SLURM_PROCID``,
+    Lightning's ``LOCAL_RANK`` / ``NODE_RANK``); True in a single process."""
     if dist.is_initialized():
         return dist.get_rank() == 0
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    names = ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK")
+    return all(int(os.environ.get(name) or 0) == 0 for name in names)
 
 
 # ---------------------------------------------------------------------------- units

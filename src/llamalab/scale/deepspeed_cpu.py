@@ -10,16 +10,28 @@ offloaded fp32 master weights); the stages build a torch AdamW, which this class
 ``DeepSpeedCPUAdam`` with the same parameter groups when the optimizer is offloaded on CUDA. On
 CPU the torch AdamW is kept (``zero_force_ds_cpu_optimizer: false`` in the YAML): compiling
 ``cpu_adam`` costs minutes and the test models are tiny.
+
+Checkpoints (on CPU and CUDA alike): every save goes to a fresh directory that rank 0 renames
+into place once every rank has written its partition (:mod:`llamalab.checkpoint.commit`), instead
+of DeepSpeed rewriting ``<name>/checkpoint/`` in place; removals are atomic renames too.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+from llamalab.checkpoint.commit import remove_path, save_committed
+
+# Test hook, "RANK:STEP": that rank dies (os._exit) when it starts writing its first file of the
+# checkpoint saved at that global step, after the other ranks began theirs. Unset in real runs.
+DIE_IN_SAVE_ENV = "LLAMALAB_TEST_DIE_IN_SAVE"
 
 
 class LlamaDeepSpeedStrategy(DeepSpeedStrategy):
@@ -65,6 +77,36 @@ class LlamaDeepSpeedStrategy(DeepSpeedStrategy):
             if lr_scheduler is not None:
                 lr_scheduler.optimizer = optimizer
         return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+
+    def save_checkpoint(
+        self, checkpoint: dict, filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """DeepSpeed's checkpoint of all ranks, committed atomically under ``filepath``."""
+        self._die_in_save_hook()
+        save_committed(
+            self, filepath, lambda path: super(LlamaDeepSpeedStrategy, self).save_checkpoint(
+                checkpoint, path, storage_options
+            ),
+        )  # fmt: skip
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            remove_path(Path(filepath))
+
+    def _die_in_save_hook(self) -> None:
+        spec = os.environ.get(DIE_IN_SAVE_ENV)
+        module = self.lightning_module
+        if not spec or module is None:
+            return
+        rank, step = (int(v) for v in spec.split(":"))
+        if self.global_rank != rank or module.trainer.global_step != step:
+            return
+        engine = self.deepspeed_engine.checkpoint_engine
+
+        def die(*args: Any, **kwargs: Any) -> None:
+            os._exit(17)
+
+        engine.save = die
 
     @property
     def offloads_optimizer(self) -> bool:

@@ -375,3 +375,14 @@ def activation_bytes_per_gpu(
 def kv_cache_bytes(config: LlamaConfig, batch: int, total_len: int, dtype_bytes: int = 2) -> int:
     """KV cache of a rollout: ``batch`` sequences of ``total_len`` (prompt + response) tokens."""
     return batch * total_len * config.kv_cache_bytes_per_token(dtype_bytes)
+
+
+def checkpoint_bytes_per_param(strategy: str, precision: str) -> int:
+    """Bytes one trained parameter takes in a training checkpoint (frozen models are not saved):
+    AdamW's two moments and the weights as the optimizer holds them: fp32 (8 + 4 = 12), or with
+    16-bit-true weights and states under DDP / FSDP 2 + 4 = 6; ZeRO keeps fp32 master weights in
+    its partitions, and ZeRO-2 adds the module's weights in the compute dtype."""
+    check_strategy(strategy)
+    if strategy.startswith("deepspeed"):
+        return 12 + (compute_bytes(precision) if strategy == "deepspeed_zero2" else 0)
+    return 6 if normalize_precision(precision).endswith("16-true") else 12

@@ -21,6 +21,10 @@ What is counted per GPU (peak = model states + the largest phase):
 - phases: ``train`` (the activations of every trained model, summed: PPO's actor and critic
   losses may share one backward), ``rollout`` (KV cache + one no-grad forward of the policy at
   the rollout batch, PPO and rejection sampling), ``score`` (no-grad forward of a scoring model).
+Disk per training checkpoint: the trained models' weights and AdamW states
+(``checkpoint_bytes_per_param``; frozen models are reloaded from their paths, not saved), and
+the disk the kept checkpoints need while the next one is written (a save is committed before
+the oldest is removed).
 Not counted: the CUDA context and NCCL buffers (about 0.5-1 GiB), allocator fragmentation, the
 temporaries of backward itself (gradients of one block's activations), and a policy copy that a
 generation engine might consolidate for fast rollouts (PAPER.md, RLHF with PPO).
@@ -38,6 +42,7 @@ from llamalab.scale.memory import (
     PlanError,
     activation_breakdown,
     check_strategy,
+    checkpoint_bytes_per_param,
     compute_bytes,
     frozen_weight_bytes,
     fsdp_unit_params,
@@ -190,13 +195,15 @@ def make_plan(
     rollout_len: int | None = None,
     inputs: dict[str, str] | None = None,
     model_name: str | None = None,
+    checkpoints_kept: int = 1,
 ) -> Plan:
     """The memory plan of a run, from numbers alone (no model is built, nothing is allocated).
 
     ``devices``: GPUs per node; ``micro_batch``: sequences per GPU per step (pairs for the
     reward stage, whose batch holds chosen and rejected rows); ``rollout_batch`` /
     ``rollout_len``: sequences generated at once per GPU and their prompt + response length
-    (default: ``micro_batch`` and ``seq_len``; PPO and rejection sampling only).
+    (default: ``micro_batch`` and ``seq_len``; PPO and rejection sampling only);
+    ``checkpoints_kept``: periodic checkpoints kept on disk (``save_top_k``).
     """
     check_strategy(strategy)
     precision = normalize_precision(precision)
@@ -218,6 +225,7 @@ def make_plan(
         (rollout_batch, rollout_len) if generates else None,
     )  # fmt: skip
     states = sum(row.gpu_bytes for row in rows)
+    ckpt, ckpt_per_gpu = _checkpoint_bytes(rows, strategy, precision, devices * num_nodes)
     peak_phase = max(phases, key=lambda k: phases[k])
     total = states + phases[peak_phase]
     plan = Plan(
@@ -247,10 +255,31 @@ def make_plan(
         total_bytes_per_gpu=total,
         fits=total <= gpu_memory_gb * GIB,
         reason="",
+        checkpoint_bytes=ckpt,
+        checkpoint_bytes_per_gpu=ckpt_per_gpu,
+        checkpoints_kept=checkpoints_kept,
+        checkpoint_disk_bytes=(checkpoints_kept + 1) * ckpt,
         notes=_notes(config, strategy, precision, stage, seq_len),
     )
     plan.reason = _reason(plan, config, specs)
     return plan
+
+
+def _checkpoint_bytes(
+    rows: list[ModelRow], strategy: str, precision: str, world: int
+) -> tuple[int, int]:
+    """(bytes of one checkpoint, the most one rank writes): sharded strategies split the
+    optimizer's part over the ranks (ZeRO-2's module weights are rank 0's); DDP's rank 0 writes
+    it all."""
+    trained = sum(row.n_params for row in rows if row.trainable)
+    per_param = checkpoint_bytes_per_param(strategy, precision)
+    total = trained * per_param
+    if strategy == "fsdp" or strategy.startswith("deepspeed_zero3"):
+        return total, -(-total // world)
+    if strategy == "deepspeed_zero2":
+        weights = trained * (per_param - 12)
+        return total, -(-(total - weights) // world) + weights
+    return total, total
 
 
 def _notes(

@@ -41,7 +41,22 @@ def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str])
         rollout_len=seq_len,
         inputs=plan_roles(stage.name, inputs, cfg.paths.outputs_root),
         model_name=str(cfg.model.name),
+        checkpoints_kept=checkpoints_kept(cfg),
     )
+
+
+def checkpoints_kept(cfg: DictConfig) -> int:
+    """Periodic checkpoints the run keeps: ``callbacks.model_checkpoint.save_top_k``, or with
+    ``-1`` (keep all) the number of periodic saves up to ``trainer.max_steps``; 0 without the
+    callback (only a preemption save is written then)."""
+    callback = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if not callback or "_target_" not in callback:
+        return 0
+    top_k = int(callback.get("save_top_k", 1))
+    if top_k >= 0:
+        return top_k
+    every, steps = callback.get("every_n_train_steps") or 0, cfg.trainer.get("max_steps", -1)
+    return max(1, int(steps) // int(every)) if every and steps and steps > 0 else 1
 
 
 def plan_roles(

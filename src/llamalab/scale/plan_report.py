@@ -59,6 +59,12 @@ class Plan:
     total_bytes_per_gpu: int
     fits: bool
     reason: str
+    # Disk: one training checkpoint (all ranks' files), the largest part one rank writes, how
+    # many periodic checkpoints are kept, and the disk they need while the next one is written.
+    checkpoint_bytes: int = 0
+    checkpoint_bytes_per_gpu: int = 0
+    checkpoints_kept: int = 0
+    checkpoint_disk_bytes: int = 0
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +135,10 @@ def _render_lines(plan: Plan) -> list[str]:
         f"  peak per GPU              {format_gib(plan.total_bytes_per_gpu):>8} GiB of "
         f"{plan.gpu_memory_gb:.2f} GiB ({plan.peak_phase} phase)",
         f"  verdict: {'FITS' if plan.fits else 'DOES NOT FIT'}: {plan.reason}",
+        f"  checkpoint per save       {format_gib(plan.checkpoint_bytes):>8} GiB on disk "
+        f"({format_gib(plan.checkpoint_bytes_per_gpu)} GiB written by each GPU's rank)",
+        f"  checkpoint disk           {format_gib(plan.checkpoint_disk_bytes):>8} GiB "
+        f"({plan.checkpoints_kept} kept + 1 being written; last.ckpt is a link)",
     ]
     if plan.notes:
         lines += ["  notes:"] + [f"   - {note}" for note in plan.notes]

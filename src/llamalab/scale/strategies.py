@@ -1,17 +1,43 @@
 """Lightning strategies from the `strategy=` config group.
 
-``auto`` and ``ddp`` are Lightning's; ``fsdp`` is Lightning's ``ModelParallelStrategy`` (FSDP2,
-applied by the stages in ``configure_model``, :mod:`llamalab.scale.build`); the ``deepspeed_*``
-configs build :class:`llamalab.scale.deepspeed_cpu.LlamaDeepSpeedStrategy` with the DeepSpeed
-config written in the YAML. All of them run on CPU processes (gloo) as well as on GPUs.
+``auto`` and ``ddp`` are Lightning's; ``fsdp`` is :class:`LlamaModelParallelStrategy`, Lightning's
+``ModelParallelStrategy`` (FSDP2, applied by the stages in ``configure_model``,
+:mod:`llamalab.scale.build`) with atomic checkpoints; the ``deepspeed_*`` configs build
+:class:`llamalab.scale.deepspeed_cpu.LlamaDeepSpeedStrategy` with the DeepSpeed config written in
+the YAML. All of them run on CPU processes (gloo) as well as on GPUs. Sharded checkpoints are
+written under a fresh name and committed by rank 0 once every rank is done
+(:mod:`llamalab.checkpoint.commit`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
+
+from llamalab.checkpoint.commit import remove_path, save_committed
+
+
+class LlamaModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` whose checkpoints (a torch distributed checkpoint
+    directory, or one file with ``save_distributed_checkpoint: false``) are committed atomically
+    once every rank has written its shard."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        save_committed(
+            self, filepath, lambda path: super(LlamaModelParallelStrategy, self).save_checkpoint(
+                checkpoint, path, storage_options
+            ),
+        )  # fmt: skip
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            remove_path(Path(filepath))
 
 
 def devices_per_node(cfg: DictConfig) -> int:
