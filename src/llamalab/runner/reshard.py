@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
@@ -189,6 +190,7 @@ class WorldSizeChange(Callback):
         # this callback existed), the callback's own state tells both
         self.saved: dict[str, int] = {}
         self._trainer: L.Trainer | None = None
+        self._universal: Path | None = None  # the universal copy this run loads, if any
 
     @property
     def state_key(self) -> str:
@@ -221,9 +223,13 @@ class WorldSizeChange(Callback):
         )  # fmt: skip
         _on_rank_zero_then_all(trainer, lambda: to_universal(str(self.ckpt_path)))
         strategy.config.setdefault("checkpoint", {})["load_universal"] = True
+        root = Path(self.ckpt_path)
+        self._universal = root / (root / LATEST_UNIVERSAL).read_text().strip()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After Lightning restored its loops, before the epoch loop resumes: rescale."""
+        if self._universal is not None:
+            repair_universal_load(trainer.optimizers, self._universal)
         if self.ckpt_path is None or "world_size" not in self.saved:
             return
         old = self.saved["world_size"] * self.saved.get("micro_batch", _micro_batch(trainer))
@@ -239,6 +245,34 @@ class WorldSizeChange(Callback):
 def _micro_batch(trainer: L.Trainer) -> int:
     """Rows per rank per training batch (the datamodule's ``batch_size``; 1 when unknown)."""
     return int(getattr(trainer.datamodule, "batch_size", 1) or 1)
+
+
+def repair_universal_load(optimizers: list[Any], universal: Path) -> None:
+    """Undo what DeepSpeed's universal ZeRO-3 load (0.19.8) gets wrong with several parameter
+    groups (ours: no weight decay on norms; PPO's critic has its own learning rate):
+
+    - it copies the first group's settings (lr, weight decay, betas...) into every group
+      ("the hyperparameters of each parameter should be the same"): each group gets its own
+      back from the converted ``optimizer_state.pt``, which keeps them all;
+    - it gives every group's Adam state the *same* ``step`` tensor, which torch's AdamW then
+      increments once per group at each step (2 groups: 1, 3, 5...; wrong bias correction):
+      each group gets its own copy.
+    """
+    common = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)
+    saved = common["optimizer_state_dict"]["param_groups"]
+    groups = optimizers[0].param_groups if len(optimizers) == 1 else []
+    if len(saved) != len(groups):
+        raise ReshardError(
+            f"{universal} holds {len(saved)} optimizer parameter groups, this run has "
+            f"{len(groups)}: resume with the stage settings the checkpoint was trained with"
+        )
+    for group, values in zip(groups, saved, strict=True):
+        group.update({k: v for k, v in values.items() if k != "params"})
+    # ZeRO's wrapper -> torch's AdamW, whose groups hold their flat partition only during a step
+    inner = getattr(optimizers[0], "optimizer", optimizers[0])
+    for state in inner.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
 
 
 def rescale_batch_progress(progress: Any, factor: Fraction) -> None:
