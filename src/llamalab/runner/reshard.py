@@ -9,9 +9,11 @@ in the data modules:
   counts differ, rank 0 converts the checkpoint once into DeepSpeed's *universal* format
   (``deepspeed.checkpoint.ds_to_universal``: one folder per parameter with its fp32 weights and
   Adam moments), cached beside it as ``<ckpt>/<tag>_universal`` and committed by an atomic
-  rename; every rank then loads it with ``"checkpoint": {"load_universal": true}``. FSDP2
-  checkpoints (``torch.distributed.checkpoint``) are resharded by torch on load and need
-  nothing; single-file checkpoints (one process, DDP) hold the whole state.
+  rename; every rank then loads it with ``"checkpoint": {"load_universal": true}``, and each
+  parameter group's settings and Adam step are put right after the load
+  (:func:`repair_universal_load`). FSDP2 checkpoints (``torch.distributed.checkpoint``) are
+  resharded by torch on load and need nothing; single-file checkpoints (one process, DDP) hold
+  the whole state.
 - **Lightning's batch counters.** They count micro-batches *per rank* in the epoch, and they
   decide where gradient accumulation ends, where the epoch ends and what the data position is
   at the next save. :class:`WorldSizeChange` records the world size and micro-batch of every
@@ -163,13 +165,16 @@ def _on_rank_zero_then_all(trainer: L.Trainer, work: Any) -> None:
         return
     group = dist.new_group(backend="gloo", timeout=CONVERT_TIMEOUT)
     message: list[str | None] = [None]
+    error: Exception | None = None
     if trainer.is_global_zero:
         try:
             work()
-        except Exception as err:  # told to every rank below, then raised here too
-            message[0] = f"{type(err).__name__}: {err}"
+        except Exception as err:  # told to every rank below, then raised here as it is
+            error, message[0] = err, f"{type(err).__name__}: {err}"
     dist.broadcast_object_list(message, src=0, group=group)
     dist.destroy_process_group(group)
+    if error is not None:
+        raise error
     if message[0] is not None:
         raise ReshardError(f"rank 0 failed to convert the checkpoint: {message[0]}")
 
@@ -227,7 +232,8 @@ class WorldSizeChange(Callback):
         self._universal = root / (root / LATEST_UNIVERSAL).read_text().strip()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After Lightning restored its loops, before the epoch loop resumes: rescale."""
+        """After Lightning restored the checkpoint, before the epoch loop resumes: repair a
+        universal load (:func:`repair_universal_load`), rescale the batch counters."""
         if self._universal is not None:
             repair_universal_load(trainer.optimizers, self._universal)
         if self.ckpt_path is None or "world_size" not in self.saved:
