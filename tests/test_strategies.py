@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from llamalab.checkpoint import CheckpointError, load_model
 from llamalab.model import Llama, LlamaConfig, LlamaScalar
+from llamalab.optim import param_groups
 from llamalab.scale.build import (
     LazyState,
     build,
@@ -164,3 +165,14 @@ def test_slurm_launcher_config_takes_the_cluster_of_the_model(tmp_path: Path) ->
     # submitit's launcher whose requeued jobs resume (tests/test_crash_safety.py runs its requeue)
     assert launcher._target_ == "llamalab.runner.slurm_launcher.ResumingSlurmLauncher"
     assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+
+
+def test_zero3_partitioned_matrices_are_weight_decayed() -> None:
+    """Under ZeRO-3 a parameter is an empty 1-D tensor between gathers; its shape is
+    ``ds_shape``, and the decay groups follow it (they once put every matrix in the no-decay
+    group, so ZeRO-3 runs trained without weight decay)."""
+    matrix, norm = torch.nn.Parameter(torch.empty(0)), torch.nn.Parameter(torch.empty(0))
+    matrix.ds_shape, norm.ds_shape = torch.Size([8, 4]), torch.Size([8])  # type: ignore[attr-defined]
+    decay, no_decay = param_groups([("w", matrix), ("norm", norm)], weight_decay=0.1)
+    assert decay["params"] == [matrix] and decay["weight_decay"] == 0.1
+    assert no_decay["params"] == [norm] and no_decay["weight_decay"] == 0.0

@@ -19,13 +19,17 @@ from torch import nn
 def param_groups(
     named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float, lr: float | None = None
 ) -> list[dict[str, Any]]:
-    """Two AdamW groups: matrices (decayed) and 1-D tensors such as norm weights (not decayed)."""
+    """Two AdamW groups: matrices (decayed) and 1-D tensors such as norm weights (not decayed).
+
+    A parameter partitioned by ZeRO-3 holds an empty 1-D tensor between gathers: its real
+    shape is ``ds_shape``.
+    """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for _, p in named_params:
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -50,7 +50,8 @@ class ResumableRandomSampler(DistributedSampler):
         self.num_samples = math.ceil(n / num_replicas) if n else 0
         self.epoch = 0
         self.consumed = 0  # indices of this rank already yielded in `epoch`
-        self._skip = 0  # indices to skip at the next __iter__ (set by load_state_dict)
+        self._skip = 0  # per-rank indices to skip at the next __iter__ (set by load_state_dict)
+        self._skip_replicas = num_replicas  # ... as dealt over this many ranks
 
     def __len__(self) -> int:
         """Indices per epoch for this rank (a resumed epoch yields fewer; Lightning stops at
@@ -61,40 +62,76 @@ class ResumableRandomSampler(DistributedSampler):
         """Called by Lightning before each epoch; a new epoch forgets what a resume skipped."""
         if epoch != self.epoch:
             self.epoch, self._skip, self.consumed = epoch, 0, 0
+            self._skip_replicas = self.num_replicas
 
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's full index list for `epoch` (no skipping)."""
+    def epoch_indices(
+        self, epoch: int, skip: int = 0, skip_replicas: int | None = None
+    ) -> list[int]:
+        """This rank's index list for `epoch`, after the first `skip` indices of the epoch's
+        padded permutation as `skip_replicas` ranks dealt it (default: this sampler's ranks).
+
+        The permutation is padded by wrapping to a multiple of the ranks, as in
+        `DistributedSampler`, and dealt round-robin, so ranks that each consumed `c` indices
+        consumed its first `c x ranks`. On another world size the rest of that padded order is
+        dealt over the new ranks: nothing the old ranks consumed comes again and nothing they
+        had not reached is left out, except that the rest is padded again to a multiple of the
+        new ranks (fewer than one index per rank, from the epoch's start, like any epoch's
+        padding).
+        """
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.n, generator=generator).tolist()
         else:
             order = list(range(self.n))
-        total = self.num_samples * self.num_replicas
-        if order and len(order) < total:  # pad by wrapping so every rank has the same length
-            order += (order * math.ceil(total / len(order)))[: total - len(order)]
-        return order[self.rank : total : self.num_replicas]
+        rest = _padded(order, skip_replicas or self.num_replicas)[skip:]
+        rest = _pad_to(rest, order, self.num_replicas)
+        return rest[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        indices = self.epoch_indices(self.epoch)
-        start, self._skip = self._skip, 0
-        self.consumed = start
-        for index in indices[start:]:
+        start, replicas = self._skip, self._skip_replicas
+        self._skip, self._skip_replicas = 0, self.num_replicas
+        indices = self.epoch_indices(self.epoch, start * replicas, replicas)
+        self.consumed = start * replicas // self.num_replicas
+        for index in indices:
             self.consumed += 1
             yield index
 
     def state_dict(self) -> dict[str, Any]:
-        """`{"seed", "epoch", "consumed"}`; `consumed` counts indices this rank has yielded in
-        `epoch` (with prefetching, the caller may know better: see `load_state_dict`)."""
-        return {"seed": self.seed, "epoch": self.epoch, "consumed": self.consumed}
+        """`{"seed", "epoch", "consumed", "num_replicas"}`; `consumed` counts indices this rank
+        has yielded in `epoch` (with prefetching, the caller may know better: see
+        `load_state_dict`), `num_replicas` the ranks that each consumed that many."""
+        return {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "num_replicas": self.num_replicas,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next `__iter__` of `state["epoch"]` skips `state["consumed"]` indices."""
+        """Resume: the next `__iter__` of `state["epoch"]` skips the `consumed x num_replicas`
+        indices the checkpoint's ranks had consumed (`num_replicas` defaults to this sampler's,
+        for states saved without it)."""
         if state["seed"] != self.seed:
             raise ValueError(
                 f"sampler seed {self.seed} differs from the checkpoint's {state['seed']}"
             )
         self.epoch = int(state["epoch"])
-        self._skip = self.consumed = min(int(state["consumed"]), self.num_samples)
+        self._skip_replicas = int(state.get("num_replicas", self.num_replicas))
+        self._skip = min(int(state["consumed"]), math.ceil(self.n / self._skip_replicas))
+        self.consumed = self._skip * self._skip_replicas // self.num_replicas
+
+
+def _pad_to(rest: list[int], order: list[int], replicas: int) -> list[int]:
+    """`rest` padded to a multiple of `replicas` with indices from the start of `order`."""
+    missing = (-len(rest)) % replicas
+    if not rest or not missing:
+        return rest
+    return rest + (order * math.ceil(missing / len(order)))[:missing]
+
+
+def _padded(order: list[int], replicas: int) -> list[int]:
+    """`order` padded by wrapping to a multiple of `replicas` (an epoch's dealt order)."""
+    return _pad_to(order, order, replicas)
 
 
 def holdout_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

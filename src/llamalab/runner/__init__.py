@@ -7,9 +7,11 @@
   RNG states) and the fit that ends a preempted run with ``128 + signal``.
 - :mod:`~llamalab.runner.checkpoints`: the runner's checkpoint I/O: crash-safe writes, finding
   and checking the checkpoint to resume, the end-of-stage Hugging Face export.
+- :mod:`~llamalab.runner.reshard`: resuming on another world size (ZeRO checkpoints converted
+  to DeepSpeed's universal format, Lightning's per-rank counters rescaled).
 - :mod:`~llamalab.runner.tracking`: W&B (online or offline), tags, groups, reading runs back.
 - :mod:`~llamalab.runner.cli`: the command-line wrapper: one clear message for user errors.
 
 Imports run one way: ``run`` -> ``callbacks`` -> ``tracking``, ``paths``; ``run`` ->
-``checkpoints``; ``cli`` imports none of them.
+``checkpoints``, ``reshard``; ``reshard`` -> ``checkpoints``; ``cli`` imports none of them.
 """

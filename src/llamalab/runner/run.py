@@ -34,6 +34,7 @@ from llamalab.runner.checkpoints import (
     resolve_ckpt_path,
 )
 from llamalab.runner.paths import export_dir, link_latest, output_dir, resolve_export_dir
+from llamalab.runner.reshard import WorldSizeChange
 from llamalab.runner.tracking import finish_previous_run, wandb_kwargs
 from llamalab.scale.build import is_rank_zero
 from llamalab.scale.plan import Plan
@@ -307,7 +308,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     accumulate = accumulation(cfg, world_size(cfg))
     trainer_overrides: dict[str, Any] = {
         "logger": build_loggers(cfg, out),
-        "callbacks": build_callbacks(cfg),
+        # another world size than the checkpoint's: optimizer state and counters carried over
+        "callbacks": [*build_callbacks(cfg), WorldSizeChange(ckpt_path)],
         "strategy": strategy,
         "plugins": checkpoint_plugins(strategy),  # crash-safe checkpoint files
         "accumulate_grad_batches": accumulate,
