@@ -88,7 +88,7 @@ def test_plan_roles_map_config_keys_to_models() -> None:
     assert roles == {
         "actor": "/a",
         "critic": "/c",
-        "reference": "/a",
+        "reference": "/root/sft/latest",  # the KL anchor stays SFT whatever init is
         "reward_helpful": "/root/reward_helpful/latest",
         "reward_safety": "/root/reward_safety/latest",
     }
