@@ -11,7 +11,8 @@ pretrain ──> sft ──┬──> reward rm=helpful ──┬──> ppo
 
 The paper's chain, SFT -> rejection sampling -> PPO, is ``stage=ppo
 stage.init=<outputs_root>/rejection_sampling/latest``: PPO's ``reference`` (the KL anchor) stays
-the SFT run whatever ``init`` is (PAPER.md §3.2.3: KL to the original policy).
+the SFT run whatever ``init`` is (PAPER.md §3.2.3: the KL is to pi_0, the initial SFT
+policy).
 
 A stage writes ``<outputs_root>/<run name>/<timestamp>/`` and links
 ``<outputs_root>/<run name>/latest`` to its newest finished run; a later stage loads that link by
