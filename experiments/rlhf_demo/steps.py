@@ -85,15 +85,14 @@ STEPS: tuple[Step, ...] = (
 )
 STEP = {step.name: step for step in STEPS}
 REWARD_KINDS = ("helpful", "safety")
-# What a round trains (each part is also its run name), and round 1's steps for each part: its
-# final policy is PPO from rejection sampling.
-ROUND_PARTS = ("reward_helpful", "reward_safety", "rejection_sampling", "ppo")
+# What a round trains, by part (each part is also its run name), and round 1's step of each
+# part: round 1's final policy is PPO from rejection sampling.
 ROUND1 = {"reward_helpful": "reward_helpful", "reward_safety": "reward_safety",
           "rejection_sampling": "rejection_sampling", "ppo": "ppo_from_rs"}  # fmt: skip
 
 
 def round_export(part: str, r: int, outputs: Path) -> Path:
-    """The export of round ``r``'s ``part`` (one of :data:`ROUND_PARTS`)."""
+    """The export of round ``r``'s ``part`` (a key of :data:`ROUND1`)."""
     name = ROUND1[part] if r == 1 else f"{part}_round{r}"
     return outputs / part / name / "export"
 
