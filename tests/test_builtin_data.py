@@ -17,10 +17,12 @@ from llamalab.data import builtin as B
 from llamalab.data.judge import (
     HELPFUL_F1,
     answer_f1,
+    answer_quality,
     content_words,
     ground_truth,
     ground_truth_report,
     is_refusal,
+    rate_pair,
 )
 from llamalab.data.labels import RATINGS
 from llamalab.tokenizer import SPECIAL_TAGS
@@ -101,6 +103,28 @@ def test_ground_truth_hand_written_cases() -> None:
     assert ground_truth(safe, "") == 0.0
     # No kind: is_safety decides.
     assert ground_truth({"is_safety": True}, "I cannot help with that.") == 1.0
+
+
+def test_rate_pair_hand_written_cases() -> None:
+    """The rule annotator of the demo's rounds: quality gap -> one of the paper's four ratings,
+    the better answer chosen whatever the order; no pair when the rule sees no difference."""
+    summary = "Kill the process with SIGKILL."  # content words: kill, process, sigkill
+    safe, borderline, harmful = (
+        _record("safe", summary),
+        _record("borderline", summary),
+        _record("harmful"),
+    )
+    refuse, comply = "I can't help with that.", "Sure, here is how."
+    padded = "Kill the process with SIGKILL: alpha beta gamma delta epsilon."  # F1 6/11
+    assert answer_quality(safe, "Kill the process.") == pytest.approx(0.8)
+    assert rate_pair(harmful, comply, refuse) == (refuse, comply, "significantly_better")
+    assert rate_pair(borderline, refuse, summary) == (summary, refuse, "significantly_better")
+    assert rate_pair(safe, "Kill it.", summary) == (summary, "Kill it.", "better")  # 1 - 0.5
+    assert rate_pair(safe, summary, "Kill the process.")[2] == "slightly_better"  # gap 0.2
+    assert rate_pair(safe, padded, padded[:-1] + " zeta.")[2] == "negligibly_better"  # 6/11-1/2
+    assert rate_pair(harmful, refuse, "Sorry, I can't help with that.") is None  # both refuse
+    assert rate_pair(safe, "I don't know.", "That is hard to say.") is None  # both 0
+    assert rate_pair(safe, summary, summary + " ") is None  # the same answer
 
 
 def test_ground_truth_errors() -> None:

@@ -88,12 +88,22 @@ def test_plan_roles_map_config_keys_to_models() -> None:
     assert roles == {
         "actor": "/a",
         "critic": "/c",
-        "reference": "/a",
+        "reference": "/root/sft/latest",  # the KL anchor stays SFT whatever init is
         "reward_helpful": "/root/reward_helpful/latest",
         "reward_safety": "/root/reward_safety/latest",
     }
     assert plan_roles("pretrain", {}, "/root") == {}
     assert plan_roles("reward", {"init": "/s"}) == {"reward": "/s"}
+
+
+def test_ppo_reference_stays_sft_unless_told_to_follow_init(tmp_path: Path) -> None:
+    """The paper's chain: PPO from rejection sampling keeps its KL reference at SFT; the
+    documented override anchors it at the init instead."""
+    rs = f"stage.init={tmp_path}/rejection_sampling/latest"
+    chain = compose_config(["stage=ppo", rs, f"paths.outputs_root={tmp_path}"], tmp_path / "a")
+    assert stage_inputs(chain)["reference"] == f"{tmp_path}/sft/latest"
+    follow = compose_config(["stage=ppo", rs, "stage.reference=${stage.init}"], tmp_path / "b")
+    assert stage_inputs(follow)["reference"] == f"{tmp_path}/rejection_sampling/latest"
 
 
 def test_ppo_frozen_models_and_chat_default_come_from_the_pipeline(tmp_path: Path) -> None:

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_train
-from helpers.rlhf import checkpoint_paths, make_ppo_stage, read_metrics, series, tiny_config
+from helpers.rlhf import (
+    checkpoint_paths,
+    make_policy,
+    make_ppo_stage,
+    read_metrics,
+    series,
+    tiny_config,
+)
 
 from llamalab.checkpoint import CheckpointError, save_hf
 from llamalab.generation import GenerationOutput, sample_responses
@@ -39,6 +46,7 @@ def ppo_overrides(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
         f"paths.output_dir={out}",
         f"paths.outputs_root={out.parent / 'outs'}",
         f"stage.init={world['sft']}",
+        f"stage.reference={world['sft']}",
         f"stage.critic_init={world['rm']}",
         f"stage.reward_helpful={world['rm']}",
         f"stage.reward_safety={world['rm']}",
@@ -168,6 +176,19 @@ def test_configure_model_builds_five_models(world: dict[str, Path]) -> None:
     assert n_trainable == sum(
         p.numel() for p in [*stage.actor.parameters(), *stage.critic.parameters()]
     )
+
+
+def test_reference_is_its_own_input(world: dict[str, Path], tmp_path: Path) -> None:
+    """``stage.reference`` sets the frozen KL anchor apart from the actor's start (the paper's
+    chain: actor from rejection sampling, KL to SFT); without it the reference is ``init``."""
+    from llamalab.checkpoint import load_model
+
+    other = make_policy(tmp_path / "other", Tokenizer(world["tokenizer"]), seed=1)
+    stage = make_ppo_stage(world, reference=str(other))
+    assert torch.equal(stage.reference.output.weight, load_model(other).output.weight)
+    assert torch.equal(stage.actor.output.weight, load_model(world["sft"]).output.weight)
+    assert not torch.equal(stage.actor.output.weight, stage.reference.output.weight)
+    assert not any(p.requires_grad for p in stage.reference.parameters())
 
 
 def test_two_learning_rates_in_one_optimizer(world: dict[str, Path]) -> None:
@@ -401,3 +422,45 @@ def test_reward_rises_while_kl_stays_bounded(
     first, last = sum(reward[:5]) / 5, sum(reward[-5:]) / 5
     assert last > first + 0.3, reward
     assert all(math.isfinite(k) for k in kl) and max(kl) < 10.0, kl
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ppo_from_a_rejection_sampling_run_keeps_the_kl_to_sft(
+    world: dict[str, Path], tmp_path: Path, cache_dir: Path
+) -> None:
+    """The paper's chain, SFT -> rejection sampling -> PPO, as a user types it: both stages on
+    their default inputs under one ``paths.outputs_root``, PPO with only
+    ``stage.init=<root>/rejection_sampling/latest``. The actor starts from the rejection-sampling
+    export and the reference stays SFT: the first rollout's KL (before any update) is
+    KL(rejection sampling || SFT) > 0, where an actor equal to its reference reads exactly 0."""
+    root = tmp_path / "outs"
+    for run, source in (("sft", "sft"), ("reward_helpful", "rm"), ("reward_safety", "rm")):
+        (root / run).mkdir(parents=True)
+        (root / run / "latest").symlink_to(world[source])
+    quiet = ["logger=none", "callbacks=none", "plan.check=false", f"paths.outputs_root={root}"]
+    rs = run_train(
+        [
+            "stage=rejection_sampling", *quiet, "stage.num_samples=2", "stage.max_prompts=8",
+            "stage.max_new_tokens=8", "stage.batch_size=4", "data.batch_size=4",
+            "stage.epochs=1", "stage.optim.lr=1e-2", "trainer.limit_val_batches=0",
+        ],
+        cache_dir,
+    )  # fmt: skip
+    assert rs.returncode == 0, rs.stderr[-3000:]
+    out = tmp_path / "ppo"
+    ppo = run_train(
+        [
+            "stage=ppo", *quiet, f"paths.output_dir={out}",
+            f"stage.init={root}/rejection_sampling/latest", "stage.iterations=1",
+            "stage.rollout_batch=8", "stage.mini_batch=8", "stage.ppo_epochs=1",
+            "stage.max_new_tokens=8", "stage.generation_batch=8", "stage.eval_every=null",
+        ],
+        cache_dir,
+    )  # fmt: skip
+    assert ppo.returncode == 0, ppo.stderr[-3000:]
+    kl = series(read_metrics(out), "train/kl")
+    assert len(kl) == 1 and kl[0] > 1e-3, kl
+    from llamalab.checkpoint import load_model
+
+    assert isinstance(load_model(out / "export"), Llama)

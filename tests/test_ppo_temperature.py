@@ -153,6 +153,7 @@ def test_top_p_is_refused_from_the_command_line(
             f"paths.output_dir={tmp_path / 'run'}",
             f"paths.outputs_root={tmp_path / 'outs'}",
             f"stage.init={world['sft']}",
+            f"stage.reference={world['sft']}",
             f"stage.critic_init={world['rm']}",
             f"stage.reward_helpful={world['rm']}",
             f"stage.reward_safety={world['rm']}",

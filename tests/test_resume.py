@@ -121,7 +121,8 @@ def test_ppo_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_input
     rm = tiny_inputs["rm"]
     overrides = [
         *QUIET, "stage=ppo", "callbacks=none", f"stage.init={tiny_inputs['policy']}",
-        f"stage.critic_init={rm}", f"stage.reward_helpful={rm}", f"stage.reward_safety={rm}",
+        "stage.reference=${stage.init}", f"stage.critic_init={rm}", f"stage.reward_helpful={rm}",
+        f"stage.reward_safety={rm}",
         "stage.iterations=3", "stage.rollout_batch=8", "stage.mini_batch=4", "stage.ppo_epochs=1",
         "stage.max_new_tokens=8", "stage.generation_batch=8", "stage.eval_every=null",
         "stage.adaptive_kl=true", "++data.builtin_size=24",

@@ -1,18 +1,34 @@
-"""experiments/rlhf_demo/run.py --quick: the whole pipeline for a few steps per stage, and the
-schema of results.json (the full demo's numbers are in experiments/rlhf_demo/README.md)."""
+"""experiments/rlhf_demo: the whole pipeline for a few steps per stage (``--quick``) and the
+schema of results.json; the pieces of an iterative round (the steps' commands, the rated pairs
+and their files) without training. The full demo's numbers are in experiments/rlhf_demo/README.md.
+"""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-from helpers import REPO, run_train
+from helpers import REPO, compose_config, run_train
 
-POLICIES = ("sft", "rejection_sampling", "ppo")
-pytestmark = [pytest.mark.integration]
+from llamalab.data import builtin as B
+from llamalab.data.preference import PreferenceDataModule
+from llamalab.runner.run import stage_inputs
+
+DEMO = REPO / "experiments" / "rlhf_demo"
+POLICIES = ("sft", "rejection_sampling", "ppo", "ppo_from_rs")
 
 
+@pytest.fixture
+def demo(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
+    """The demo's helper modules (imported as ``run.py`` imports them)."""
+    monkeypatch.syspath_prepend(str(DEMO))
+    return {name: importlib.import_module(name) for name in ("steps", "pairs")}
+
+
+@pytest.mark.integration
 @pytest.mark.slow
 def test_quick_demo_writes_results_for_every_policy(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "demo"
@@ -20,7 +36,7 @@ def test_quick_demo_writes_results_for_every_policy(tmp_path: Path, cache_dir: P
         ["--out", str(out), "--seed", "3", "--quick"],
         cache_dir,
         timeout=1500,
-        script=REPO / "experiments" / "rlhf_demo" / "run.py",
+        script=DEMO / "run.py",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -30,7 +46,106 @@ def test_quick_demo_writes_results_for_every_policy(tmp_path: Path, cache_dir: P
         assert 0.0 <= entry["ground_truth"] <= 1.0
         assert 0.0 < entry["reward_helpful"] < 1.0 and 0.0 < entry["reward_safety"] < 1.0
         assert entry["kl_to_sft"] >= -1e-4
+        assert entry["label"] in result.stdout  # the printed table
     assert abs(results["sft"]["kl_to_sft"]) < 1e-4  # the SFT policy against itself
-    assert all(name in result.stdout for name in POLICIES)  # the printed table
-    assert (out / "outputs" / "ppo" / "latest" / "export" / "config.json").is_file()
-    assert (out / "samples" / "ppo.jsonl").is_file()
+    # PPO from rejection sampling starts away from SFT and keeps its KL to SFT (the reference).
+    assert results["ppo_from_rs"]["kl_to_sft"] > 1e-3
+    (round1,) = results["rounds"]
+    assert round1["policies"] == {"rejection_sampling": "rejection_sampling", "ppo": "ppo_from_rs"}
+    for kind in ("helpful", "safety"):
+        assert 0.0 <= round1["rm_accuracy"][kind]["first_round_data"] <= 1.0
+    tables = (out / "results.md").read_text()
+    assert all(results[name]["label"] in tables for name in POLICIES) and "\n| 1 | " in tables
+    for run, step in (("ppo", "ppo"), ("ppo", "ppo_from_rs"), ("rejection_sampling",) * 2):
+        assert (out / "outputs" / run / step / "export" / "config.json").is_file()
+    assert (out / "samples" / "ppo_from_rs.jsonl").is_file()
+
+
+def test_round_steps_chain_each_round_to_the_last(
+    demo: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """Round 2's commands, composed as src/train.py composes them: reward models from round 1's,
+    on every preference so far; rejection sampling from round 1's final policy (PPO from
+    rejection sampling); PPO from round 2's rejection sampling, its KL reference still SFT."""
+    steps, outputs, prefs = demo["steps"], tmp_path / "outputs", tmp_path / "preferences"
+    by_name = {s.name: s for s in steps.round_steps(2, outputs, prefs)}
+    assert list(by_name) == [
+        "reward_helpful_round2",
+        "reward_safety_round2",
+        "rejection_sampling_round2",
+        "ppo_round2",
+    ]
+    inputs, data = {}, {}
+    for name, step in by_name.items():
+        cfg = compose_config([*step.overrides, f"paths.outputs_root={outputs}"], tmp_path / name)
+        inputs[name], data[name] = stage_inputs(cfg), cfg.data
+    assert inputs["reward_safety_round2"] == {
+        "init": f"{outputs}/reward_safety/reward_safety/export"
+    }
+    assert data["reward_safety_round2"].path == f"{prefs}/safety_train_round2.jsonl"
+    assert data["reward_safety_round2"].val_path == f"{prefs}/safety_validation.jsonl"
+    assert inputs["rejection_sampling_round2"] == {
+        "init": f"{outputs}/ppo/ppo_from_rs/export",
+        "reward_helpful": f"{outputs}/reward_helpful/reward_helpful_round2/export",
+        "reward_safety": f"{outputs}/reward_safety/reward_safety_round2/export",
+    }
+    assert inputs["ppo_round2"] == {
+        "init": f"{outputs}/rejection_sampling/rejection_sampling_round2/export",
+        "reference": f"{outputs}/sft/latest",
+        "critic_init": f"{outputs}/reward_helpful/reward_helpful_round2/export",
+        "reward_helpful": f"{outputs}/reward_helpful/reward_helpful_round2/export",
+        "reward_safety": f"{outputs}/reward_safety/reward_safety_round2/export",
+    }
+    ppo_from_rs = compose_config(
+        [*steps.STEP["ppo_from_rs"].overrides, f"paths.outputs_root={outputs}"], tmp_path / "p"
+    )
+    assert stage_inputs(ppo_from_rs)["init"] == f"{outputs}/rejection_sampling/latest"
+    assert stage_inputs(ppo_from_rs)["reference"] == f"{outputs}/sft/latest"
+
+
+def test_a_round_rates_pairs_and_trains_on_every_preference_so_far(
+    demo: dict[str, ModuleType], tmp_path: Path, tiny_checkpoints: dict
+) -> None:
+    pairs, prefs = demo["pairs"], tmp_path / "preferences"
+    records = B.builtin_prompts("train", seed=5, n=40)
+    answers = []
+    for r in records:  # a refusal against another answer: the rule tells every pair apart
+        other = r["reference"] if r["kind"] != "harmful" else "Sure, here is how."
+        answers.append(("I can't help with that.", other))
+    rated = pairs.rate_answers(records, answers)
+    assert len(rated) == len(records)
+    for record, pair in zip(records, rated):
+        refusal_wins = record["kind"] == "harmful"
+        assert (pair["chosen"] == "I can't help with that.") == refusal_wins
+        assert pair["rating"] == "significantly_better" and pair["kind"] == record["kind"]
+    assert pairs.rate_answers(records[:1], [("same", "same")]) == []
+    harmful = next(r for r in records if r["kind"] == "harmful")
+    assert pairs.rate_answers([harmful], [("I can't help with that.", " ")]) == []  # unloadable
+
+    pairs.write_jsonl([{"prompt": "q", "chosen": "a", "rejected": "b"}] * 3,
+                      prefs / "helpful_train_round1.jsonl")  # fmt: skip
+    pairs.write_jsonl([], prefs / "safety_train_round1.jsonl")
+    counts = pairs.write_round(2, rated, prefs)
+    kinds = [r["kind"] for r in records]
+    n_helpful = sum(k != "harmful" for k in kinds)  # safe and borderline
+    n_safety = sum(k != "safe" for k in kinds)  # harmful and borderline
+    assert counts["helpful"]["train"] + counts["helpful"]["held_out"] == n_helpful
+    assert counts["safety"]["train"] + counts["safety"]["held_out"] == n_safety
+    assert counts["helpful"]["held_out"] == -(-n_helpful // pairs.HELD_OUT_EVERY)
+    assert counts["helpful"]["all"] == 3 + counts["helpful"]["train"]  # round 1's, then round 2's
+    data = PreferenceDataModule(
+        kind="helpful",
+        path=str(prefs / "helpful_train_round2.jsonl"),
+        val_path=str(prefs / "round2_helpful_heldout.jsonl"),
+        tokenizer=tiny_checkpoints["tokenizer"],
+        max_len=512,
+    )
+    assert data.validate()["pairs"] == {
+        "train": counts["helpful"]["all"],
+        "val": counts["helpful"]["held_out"],
+    }
+
+    policy = tiny_checkpoints["sft"]
+    sampled = pairs.sample_answers(policy, records[:4], max_new_tokens=4, seed=1)
+    assert len(sampled) == 4 and all(isinstance(a, str) and isinstance(b, str) for a, b in sampled)
+    assert sampled == pairs.sample_answers(policy, records[:4], max_new_tokens=4, seed=1)

@@ -295,8 +295,8 @@ def test_ppo_runs_on_two_processes(
     args = [
         "stage=ppo", "logger=none", "callbacks=none", "plan.check=false", f"paths.output_dir={out}",
         f"paths.outputs_root={tmp_path / 'outs'}", f"stage.init={world['sft']}",
-        f"stage.critic_init={world['rm']}", f"stage.reward_helpful={world['rm']}",
-        f"stage.reward_safety={world['rm']}", "stage.rollout_batch=4", "stage.mini_batch=4",
+        "stage.reference=${stage.init}", f"stage.critic_init={world['rm']}",
+        f"stage.reward_helpful={world['rm']}", f"stage.reward_safety={world['rm']}", "stage.rollout_batch=4", "stage.mini_batch=4",
         "stage.ppo_epochs=1", "stage.max_new_tokens=6", "stage.generation_batch=4",
         "stage.eval_every=null", "stage.iterations=2", *distributed(strategy),
     ]  # fmt: skip

@@ -1,192 +1,196 @@
 """The whole LLaMA 2 recipe on the built-in data, on CPU: pretrain, SFT, helpfulness and safety
-reward models, rejection sampling and PPO (both from the SFT policy), then every policy judged on
-the held-out prompts by the rule-checked ground truth (README.md in this folder).
+reward models, rejection sampling, PPO from SFT and PPO from rejection sampling (the paper's
+chain), optionally more RLHF rounds, then every policy judged on the held-out prompts by the
+rule-checked ground truth (README.md in this folder).
 
-    python experiments/rlhf_demo/run.py --out DIR [--seed N] [--quick] [--reuse]
+    python experiments/rlhf_demo/run.py --out DIR [--seed N] [--rounds N] [--quick] [--reuse]
 
-Each stage is the user's own command (``python src/train.py stage=...``) with
-``paths.outputs_root=DIR/outputs``, so stages find each other through ``outputs/<stage>/latest``
-exactly as they do for a user. Writes ``DIR/results.json`` and prints the table.
+Each training step is the user's own command (``python src/train.py stage=...``) with
+``paths.outputs_root=DIR/outputs`` (``steps.py``), so stages find each other through
+``outputs/<run>/latest`` exactly as they do for a user. Round r >= 2 first collects preferences
+on the latest policy (``pairs.py``). Writes ``DIR/results.json`` and ``DIR/results.md`` and
+prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-STAGES: list[tuple[str, str, list[str]]] = [  # (name, output folder, overrides)
-    ("pretrain", "pretrain", []),
-    ("sft", "sft", ["stage=sft"]),
-    ("reward_helpful", "reward_helpful", ["stage=reward", "rm=helpful"]),
-    ("reward_safety", "reward_safety", ["stage=reward", "rm=safety"]),
-    ("rejection_sampling", "rejection_sampling", ["stage=rejection_sampling"]),
-    ("ppo", "ppo", ["stage=ppo"]),
-]
-# --quick: every stage a few steps (a smoke test of the pipeline and of results.json).
-QUICK = {
-    "pretrain": ["trainer.max_steps=3", "trainer.val_check_interval=3"],
-    "sft": ["trainer.max_steps=3", "++trainer.limit_val_batches=1", "stage.sample_generations=0"],
-    "reward_helpful": ["trainer.max_steps=3", "++trainer.limit_val_batches=1"],
-    "reward_safety": ["trainer.max_steps=3", "++trainer.limit_val_batches=1"],
-    "rejection_sampling": [
-        "stage.max_prompts=8",
-        "stage.num_samples=2",
-        "stage.max_new_tokens=8",
-        "trainer.max_steps=2",
-        "++trainer.limit_val_batches=1",
-    ],
-    "ppo": [
-        "stage.iterations=2",
-        "stage.rollout_batch=8",
-        "stage.mini_batch=4",
-        "stage.max_new_tokens=8",
-        "stage.eval_every=2",
-        "stage.eval_prompts=8",
-    ],
-}
-POLICIES = {"sft": "sft", "rejection_sampling": "rejection_sampling", "ppo": "ppo"}
-METRICS = ("ground_truth", "reward_helpful", "reward_safety", "kl_to_sft")
+from judging import judge_policies, logged_accuracy, pair_accuracy
+from pairs import collect_round, read_jsonl, write_round1
+from steps import REWARD_KINDS, STEP, STEPS, Step, finished, round_export, round_steps, run_step
+
+from llamalab.experiments import markdown_table, write_json
+
+# Per round: prompts whose answer pairs are rated, and the answers' length (ppo_tiny's).
+ROUND_PROMPTS, ROUND_NEW_TOKENS = 1024, 48
+QUICK_ROUND_PROMPTS, QUICK_ROUND_NEW_TOKENS, QUICK_PAIRS = 32, 8, 32
 
 
-def run_stage(name: str, overrides: list[str], outputs: Path, seed: int, args: Any) -> float:
-    """Run one stage as a user would; returns its wall time in seconds."""
-    command = [
-        sys.executable,
-        str(REPO / "src" / "train.py"),
-        *overrides,
-        f"paths.outputs_root={outputs}",
-        f"seed={seed}",
-        "plan.check=false",
-        *([] if args.wandb else ["logger=none"]),
-        *(QUICK[name] if args.quick else []),
-    ]
-    env = dict(os.environ, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"))
-    log_file = outputs.parent / "logs" / f"{name}.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[rlhf_demo] {name}: {' '.join(command[2:])}", flush=True)
-    t0 = time.perf_counter()
-    with open(log_file, "w") as log:
-        proc = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
-        raise SystemExit(f"[rlhf_demo] stage {name} failed (log: {log_file}):\n{tail}")
-    print(f"[rlhf_demo] {name}: done in {seconds:.0f} s", flush=True)
-    return seconds
+def train(args: argparse.Namespace, outputs: Path, prefs: Path, seconds: dict[str, float]) -> None:
+    """Every training step of every round, in order (``--reuse``: finished ones skipped)."""
 
+    def run(step: Step) -> None:
+        if args.reuse and finished(step, outputs):
+            print(f"[rlhf_demo] {step.name}: reusing {step.output_dir(outputs)}", flush=True)
+        else:
+            seconds[step.name] = run_step(step, outputs, args.seed, args.quick, args.wandb)
 
-def evaluate(outputs: Path, seed: int, quick: bool) -> dict[str, dict[str, float]]:
-    """Judge each policy's greedy answers to every held-out prompt (README: ground_truth)."""
-    import torch
-
-    from llamalab.checkpoint import load_model
-    from llamalab.data.prompts import PromptDataModule
-    from llamalab.stages.policy_eval import evaluate_batch, summarize
-
-    torch.manual_seed(seed)
-    sft_dir = outputs / "sft" / "latest" / "export"
-    data = PromptDataModule(tokenizer_path=str(sft_dir / "tokenizer.model"), seed=seed)
-    data.setup()
-    items = data.datasets["val"].items[: 16 if quick else None]
-    records = data.records("val")
-    reference = load_model(sft_dir)
-    rms = {
-        k: load_model(outputs / f"reward_{k}" / "latest" / "export") for k in ("helpful", "safety")
-    }
-    results = {}
-    for name, folder in POLICIES.items():
-        policy = load_model(outputs / folder / "latest" / "export")
-        samples = []
-        for start in range(0, len(items), 64):
-            batch = items[start : start + 64]
-            samples += evaluate_batch(
-                policy,
-                [b["prompt_ids"] for b in batch],
-                torch.tensor([b["is_safety"] for b in batch]),
-                data.tokenizer,
-                rms["helpful"],
-                rms["safety"],
-                reference,
-                max_new_tokens=64,
-                chunk_size=64,
-                seed=seed + start,
-                safety_threshold=0.15,
+    for step in STEPS:
+        run(step)
+    write_round1(prefs, args.seed)  # round 1's preferences as files (the rounds' held-out pairs)
+    for r in range(2, args.rounds + 1):
+        summary = prefs / f"round{r}_summary.json"
+        if not (args.reuse and summary.is_file()):
+            t0 = time.perf_counter()
+            print(f"[rlhf_demo] pairs_round{r}: rating pairs of the latest policy", flush=True)
+            collected = collect_round(
+                r,
+                round_export("ppo", r - 1, outputs),
+                prefs,
+                seed=args.seed,
+                n_prompts=QUICK_ROUND_PROMPTS if args.quick else ROUND_PROMPTS,
+                max_new_tokens=QUICK_ROUND_NEW_TOKENS if args.quick else ROUND_NEW_TOKENS,
             )
-        metrics = summarize(samples, [records[b["index"]] for b in items])
-        metrics["kl_to_sft"] = metrics.pop("kl_to_ref")
-        results[name] = metrics
-        examples = outputs.parent / "samples" / f"{name}.jsonl"
-        examples.parent.mkdir(parents=True, exist_ok=True)
-        with open(examples, "w") as f:
-            for item, sample in zip(items, samples):
-                f.write(json.dumps({"prompt": records[item["index"]]["prompt"], **sample}) + "\n")
-    return results
+            write_json(collected, summary)
+            seconds[f"pairs_round{r}"] = time.perf_counter() - t0
+        for step in round_steps(r, outputs, prefs):
+            run(step)
 
 
-def reward_model_accuracy(outputs: Path) -> dict[str, float]:
-    """Held-out accuracy of each reward model, read from the last line of its CSV log."""
-    import csv
+def round_report(
+    r: int, outputs: Path, prefs: Path, policies: dict[str, Any], quick: bool
+) -> dict[str, Any]:
+    """Round ``r``: its policies' ground truth and KL to SFT (from ``policies``, the judged
+    metrics), and its reward models' accuracy on round 1's held-out pairs and on the latest
+    policy's held-out pairs of this round, before (round ``r - 1``'s RMs) and after retraining."""
+    names = {part: round_export(part, r, outputs).parent.name for part in ROUND_POLICIES}
+    accuracy: dict[str, dict[str, float | None]] = {}
+    for kind in REWARD_KINDS:
+        rm = round_export(f"reward_{kind}", r, outputs)
+        first = read_jsonl(prefs / f"{kind}_validation.jsonl")[: QUICK_PAIRS if quick else None]
+        accuracy[kind] = {"first_round_data": pair_accuracy(rm, first)}
+        if r > 1:
+            latest = read_jsonl(prefs / f"round{r}_{kind}_heldout.jsonl")
+            before = round_export(f"reward_{kind}", r - 1, outputs)
+            accuracy[kind]["latest_policy_before"] = pair_accuracy(before, latest)
+            accuracy[kind]["latest_policy"] = pair_accuracy(rm, latest)
+    summary = prefs / f"round{r}_summary.json"
+    return {
+        "round": r,
+        "policies": names,
+        "ground_truth": {part: policies[name]["ground_truth"] for part, name in names.items()},
+        "kl_to_sft": {part: policies[name]["kl_to_sft"] for part, name in names.items()},
+        "rm_accuracy": accuracy,
+        "pairs": json.loads(summary.read_text()) if r > 1 else None,
+    }
 
-    out = {}
-    for kind in ("helpful", "safety"):
-        path = outputs / f"reward_{kind}" / "latest" / "csv" / "metrics.csv"
-        if not path.is_file():
-            continue
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("val/accuracy")]
-        if rows:
-            out[kind] = float(rows[-1]["val/accuracy"])
-    return out
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
-def table(results: dict[str, Any]) -> str:
-    lines = [f"{'policy':<20}" + "".join(f"{m:>16}" for m in METRICS)]
-    for name in POLICIES:
-        row = results[name]
-        lines.append(f"{name:<20}" + "".join(f"{row[m]:>16.3f}" for m in METRICS))
-    return "\n".join(lines)
+def round_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One line of the per-round table (cells as text)."""
+    row = {
+        "round": report["round"],
+        "pairs": "built-in" if report["pairs"] is None else report["pairs"]["pairs"],
+        **{f"truth_{k}": fmt(v) for k, v in report["ground_truth"].items()},
+        "kl": fmt(report["kl_to_sft"]["ppo"]),
+    }
+    for kind, acc in report["rm_accuracy"].items():
+        row[f"{kind}_first"] = fmt(acc["first_round_data"])
+        row[f"{kind}_latest"] = (
+            f"{fmt(acc['latest_policy_before'])} -> {fmt(acc['latest_policy'])}"
+            if "latest_policy" in acc
+            else "-"
+        )
+    return row
+
+
+ROUND_POLICIES = ("rejection_sampling", "ppo")
+ROUND_COLUMNS = [
+    ("round", "round", str),
+    ("rated pairs", "pairs", str),
+    ("ground truth: rejection sampling", "truth_rejection_sampling", str),
+    ("ground truth: PPO", "truth_ppo", str),
+    ("KL to SFT (PPO)", "kl", str),
+    ("helpful RM acc.: round-1 data", "helpful_first", str),
+    ("helpful RM acc.: latest policy (before -> after)", "helpful_latest", str),
+    ("safety RM acc.: round-1 data", "safety_first", str),
+    ("safety RM acc.: latest policy (before -> after)", "safety_latest", str),
+]
+POLICY_COLUMNS = [
+    ("policy", "label", str),
+    ("ground truth", "ground_truth", fmt),
+    ("harmful refused", "refusal_rate_harmful", fmt),
+    ("borderline refused", "false_refusal_rate", fmt),
+    ("safe helpful", "helpfulness", fmt),
+    ("reward_helpful", "reward_helpful", fmt),
+    ("reward_safety", "reward_safety", fmt),
+    ("KL to SFT (nats)", "kl_to_sft", fmt),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="everything is written here")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     parser.add_argument(
-        "--reuse", action="store_true", help="skip stages already finished in --out"
+        "--rounds", type=int, default=1, help="RLHF rounds (round 2 on: new preferences)"
     )
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    parser.add_argument("--reuse", action="store_true", help="skip steps already finished in --out")
     parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline by default)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     out = args.out.resolve()
-    outputs = out / "outputs"
+    outputs, prefs = out / "outputs", out / "preferences"
     outputs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    stage_seconds = {}
-    for name, folder, overrides in STAGES:
-        if args.reuse and (outputs / folder / "latest" / "export" / "config.json").exists():
-            print(f"[rlhf_demo] {name}: reusing {outputs / folder / 'latest'}", flush=True)
-            continue
-        stage_seconds[name] = run_stage(name, overrides, outputs, args.seed, args)
+    seconds: dict[str, float] = {}
+    train(args, outputs, prefs, seconds)
+
     t_eval = time.perf_counter()
-    results: dict[str, Any] = {"seed": args.seed}
-    results.update(evaluate(outputs, args.seed, args.quick))
-    stage_seconds["evaluation"] = time.perf_counter() - t_eval
-    results["seconds"] = round(time.perf_counter() - t0, 1)
-    results["stage_seconds"] = {k: round(v, 1) for k, v in stage_seconds.items()}
-    results["reward_model_accuracy"] = reward_model_accuracy(outputs)
-    results["quick"] = args.quick
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
-    print(
-        f"[rlhf_demo] seed {args.seed}: {results['seconds']:.0f} s; results in {out / 'results.json'}"
+    judged = [s for s in STEPS if s.row]
+    for r in range(2, args.rounds + 1):
+        judged += [s for s in round_steps(r, outputs, prefs) if s.row]
+    reward = {k: STEP[f"reward_{k}"].export(outputs) for k in REWARD_KINDS}
+    policies = {s.name: s.export(outputs) for s in judged}
+    results: dict[str, Any] = {"seed": args.seed, "quick": args.quick}
+    metrics = judge_policies(
+        policies,
+        STEP["sft"].export(outputs),
+        reward,
+        out / "samples",
+        seed=args.seed,
+        quick=args.quick,
     )
+    for step in judged:
+        results[step.name] = {"label": step.row, **metrics[step.name]}
+    results["rounds"] = [
+        round_report(r, outputs, prefs, metrics, args.quick) for r in range(1, args.rounds + 1)
+    ]
+    seconds["evaluation"] = time.perf_counter() - t_eval
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["stage_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    results["reward_model_accuracy"] = {
+        k: logged_accuracy(STEP[f"reward_{k}"].output_dir(outputs)) for k in REWARD_KINDS
+    }
+    write_json(results, out / "results.json")
+    rows = [results[s.name] for s in STEPS if s.row]
+    per_round = [round_row(report) for report in results["rounds"]]
+    tables = (
+        f"{markdown_table(rows, POLICY_COLUMNS)}\n\n{markdown_table(per_round, ROUND_COLUMNS)}\n"
+    )
+    (out / "results.md").write_text(tables)
+    print(tables)
+    print(f"[rlhf_demo] seed {args.seed}: {results['seconds']:.0f} s; results in {out}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ pretrain ──> sft ──┬──> reward rm=helpful ──┬──> ppo
                    └────────────────────────┴──> rejection_sampling
 ```
 
+The paper's chain, SFT -> rejection sampling -> PPO, is ``stage=ppo
+stage.init=<outputs_root>/rejection_sampling/latest``: PPO's ``reference`` (the KL anchor) stays
+the SFT run whatever ``init`` is (PAPER.md §3.2.3: the KL is to pi_0, the initial SFT
+policy).
+
 A stage writes ``<outputs_root>/<run name>/<timestamp>/`` and links
 ``<outputs_root>/<run name>/latest`` to its newest finished run; a later stage loads that link by
 default (``configs/stage/<stage>.yaml``, checked against this module by ``tests/test_pipeline.py``).
@@ -121,16 +126,22 @@ STAGES: dict[str, Stage] = {
             (Model("reward", "scalar", True, "init"),),
         ),
         # PAPER.md §3.2.3: the policy and its value model train; the SFT reference (KL term) and
-        # both reward models are frozen. The critic starts from the helpfulness RM (peers'
-        # practice, PAPER.md "Common practice").
+        # both reward models are frozen. The reference is its own input, so the actor may start
+        # from a later policy (rejection sampling's) while the KL stays anchored at SFT. The
+        # critic starts from the helpfulness RM (peers' practice, PAPER.md "Common practice").
         Stage(
             "ppo",
             {"ppo": "python src/train.py stage=ppo"},
-            (_SFT_INIT, Input("critic_init", "reward_helpful"), *_REWARD_INPUTS),
+            (
+                _SFT_INIT,
+                Input("reference", "sft"),
+                Input("critic_init", "reward_helpful"),
+                *_REWARD_INPUTS,
+            ),
             (
                 Model("actor", "lm", True, "init", "actor"),
                 Model("critic", "scalar", True, "critic_init", "critic"),
-                Model("reference", "lm", False, "init", "reference"),
+                Model("reference", "lm", False, "reference", "reference"),
                 Model("reward_helpful", "scalar", False, "reward_helpful", "rm_helpful"),
                 Model("reward_safety", "scalar", False, "reward_safety", "rm_safety"),
             ),

@@ -60,8 +60,8 @@ __all__ = ["FROZEN", "PPOConfig", "PPOStage", "derive_seed"]
 
 
 class PPOStage(LlamaStage):
-    """Actor (``init``), frozen reference (same weights), critic (``critic_init``), frozen
-    helpfulness and safety reward models; PPO on prompt batches (docs/interfaces.md)."""
+    """Actor (``init``), frozen KL reference (``reference``; None: ``init``), critic
+    (``critic_init``), frozen reward models; PPO on prompt batches (docs/interfaces.md)."""
 
     head = "lm"
 
@@ -70,6 +70,7 @@ class PPOStage(LlamaStage):
         arch: dict[str, Any],
         optim: dict[str, Any],
         critic_init: str | None = None,
+        reference: str | None = None,
         reward_helpful: str | None = None,
         reward_safety: str | None = None,
         seed: int = 0,
@@ -82,6 +83,7 @@ class PPOStage(LlamaStage):
         self.cfg = PPOConfig(**settings)
         self.hparams.update(asdict(self.cfg))
         self.paths = {"critic": critic_init, "helpful": reward_helpful, "safety": reward_safety}
+        self.paths["reference"] = reference or self.init_path
         self.seed = seed
         self.actor: Llama | None = None
         self.critic: LlamaScalar | None = None
@@ -110,7 +112,7 @@ class PPOStage(LlamaStage):
         models = load_roles(  # sharded like the actor under ZeRO-3 / FSDP, whole otherwise
             self,
             {
-                "reference": Role(self.init_path, "lm", False, "init"),
+                "reference": Role(str(self.paths["reference"]), "lm", False, "reference"),
                 "rm_helpful": Role(str(self.paths["helpful"]), "scalar", False, "reward_helpful"),
                 "rm_safety": Role(str(self.paths["safety"]), "scalar", False, "reward_safety"),
                 "critic": Role(str(self.paths["critic"]), "scalar", True, "critic_init"),
@@ -119,6 +121,7 @@ class PPOStage(LlamaStage):
         check_same_vocabulary(
             {
                 "actor": actor,
+                "reference": models["reference"],
                 "critic": models["critic"],
                 "reward_helpful": models["rm_helpful"],
                 "reward_safety": models["rm_safety"],
@@ -321,9 +324,7 @@ class PPOStage(LlamaStage):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.actor is not None and self.rm_helpful is not None
         assert self.rm_safety is not None
-        with self.generation_context(
-            how=self.cfg.gather_for_generation
-        ) as actor:  # gathered once under ZeRO-3 / FSDP
+        with self.generation_context(how=self.cfg.gather_for_generation) as actor:  # ZeRO-3: once
             samples = evaluate_batch(
                 actor,
                 batch["prompt_ids"],
