@@ -203,6 +203,9 @@ def test_adherence_by_turn_counts_each_turn(monkeypatch: pytest.MonkeyPatch) -> 
     assert result["by_turn"] == [1.0, 0.5, 0.0]
     assert result["by_instruction"]["Answer in uppercase."] == [1.0, 1.0, 0.0]
     assert seen[0] == [user("Answer in uppercase. a?"), user("b?"), user("c?")]
-    G.adherence_by_turn(torch.nn.Linear(1, 1), None, prompts, every_turn=True)  # type: ignore[arg-type]
+    G.adherence_by_turn(torch.nn.Linear(1, 1), None, prompts, given="every")  # type: ignore[arg-type]
     assert seen[-1][2] == user("End every answer with 'Arr!'. f?")
+    none = G.adherence_by_turn(torch.nn.Linear(1, 1), None, prompts, given="none")  # type: ignore[arg-type]
+    assert seen[-1] == [user("d?"), user("e?"), user("f?")]
+    assert none["by_turn"] == result["by_turn"]  # the same answers, checked the same way
     assert json.dumps(result)  # plain values: written to results.json as is

@@ -289,18 +289,25 @@ def adherence_by_turn(
     max_new_tokens: int = 48,
     seed: int = 0,
     batch_size: int | None = 64,
-    every_turn: bool = False,
+    given: str = "first",
 ) -> dict[str, Any]:
     """How often ``model``'s greedy answers follow the instruction at each turn.
 
-    Each prompt's instruction prefixes its first question only (``every_turn``: every question,
-    the sampler's view); the model answers turn by turn from its own answers. Returns
+    Each prompt's instruction prefixes its first question only (``given="first"``), every
+    question (``"every"``: the sampler's view) or none (``"none"``: how often answers satisfy the
+    check by chance, the base rate); the model answers turn by turn from its own answers. Returns
     ``{"by_turn": [share at turn 1, 2, ...], "by_instruction": {instruction: [...]},
     "answers": [[text, ...], ...]}``.
     """
+    if given not in ("first", "every", "none"):
+        raise ValueError(f"given must be 'first', 'every' or 'none', got {given!r}")
+
+    def shown(turn: int) -> bool:
+        return given == "every" or (given == "first" and turn == 0)
+
     dialogs = [
         [
-            {"role": "user", "content": f"{p['instruction']} {q}" if every_turn or t == 0 else q}
+            {"role": "user", "content": f"{p['instruction']} {q}" if shown(t) else q}
             for t, q in enumerate(p["questions"])
         ]
         for p in prompts
