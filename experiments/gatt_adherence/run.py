@@ -43,6 +43,7 @@ N_SFT = 300  # built-in SFT dialogs in every run
 N_EVERY_TURN = 300  # instruction dialogs with the instruction on every user turn (all runs)
 N_GATT = 256  # GAtt dialogs (the built-in default, data.gatt_size)
 N_EVAL = 140  # held-out dialogs (20 per instruction)
+FOUR_WORDS = "Answer in at most four words."
 QUICK = {  # --quick: a smoke test of the script, a few steps each
     "pretrain": ["trainer.max_steps=3", "trainer.val_check_interval=3"],
     "sft": ["trainer.max_steps=3", "++trainer.limit_val_batches=1"],
@@ -147,28 +148,64 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def tables(results: dict[str, Any], turns: int) -> str:
-    """The Markdown tables of the README: by turn, then by instruction."""
-    adherence = results["adherence"]
+def _without(result: dict[str, Any], instruction: str = FOUR_WORDS) -> list[float]:
+    """Adherence by turn over every instruction but one (each instruction weighs the same)."""
+    rows = [v for k, v in result["by_instruction"].items() if k != instruction]
+    return [_mean([row[t] for row in rows]) for t in range(len(rows[0]))]
+
+
+def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several results.json (one per seed) as one: every adherence number averaged."""
+
+    def mean(values: list[Any]) -> Any:
+        if isinstance(values[0], dict):
+            return {k: mean([v[k] for v in values]) for k in values[0]}
+        if isinstance(values[0], list):
+            return [mean(list(column)) for column in zip(*values, strict=True)]
+        return _mean(values)
+
+    return {
+        "seed": [r["seed"] for r in runs],
+        "n_eval": runs[0]["n_eval"],
+        "adherence": mean([r["adherence"] for r in runs]),
+        "sampled_gatt_answers_follow": _mean([r["sampled_gatt_answers_follow"] for r in runs]),
+    }
+
+
+def tables(runs: list[dict[str, Any]], turns: int) -> str:
+    """The Markdown tables of the README: by turn (each cell the mean over the runs' seeds, then
+    each seed's value in brackets when there are several), then by instruction (means)."""
+    views = [r["adherence"] for r in runs]
+
+    def cell(values: list[float]) -> str:
+        each = f" ({', '.join(f'{x:.2f}' for x in values)})" if len(values) > 1 else ""
+        return f"{_mean(values):.2f}{each}"
+
+    def row(label: str, per_seed: list[list[float]], bases: list[float] | None) -> str:
+        cells = [cell([seed[t] for seed in per_seed]) for t in range(turns)]
+        return f"| {label} | " + " | ".join(cells) + f" | {cell(bases) if bases else ''} |"
+
     turn_cols = [f"turn {t + 1}" for t in range(turns)]
-    lines = ["| model | " + " | ".join(turn_cols) + " | no instruction (base rate) |"]
-    lines.append("|---|" + "---:|" * (turns + 1))
+    head = ["| model | " + " | ".join(turn_cols) + " | no instruction (base rate) |"]
+    head.append("|---|" + "---:|" * (turns + 1))
+    lines = list(head)
     for key, label in LABELS.items():
-        row, base = adherence[key]["first"]["by_turn"], _mean(adherence[key]["none"]["by_turn"])
-        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in row) + f" | {base:.2f} |")
-    every = adherence["sft"]["every"]["by_turn"]
-    lines.append(
-        "| SFT without GAtt, instruction repeated on every turn | "
-        + " | ".join(f"{v:.2f}" for v in every)
-        + " | |"
-    )
+        bases = [_mean(v[key]["none"]["by_turn"]) for v in views]
+        lines.append(row(label, [v[key]["first"]["by_turn"] for v in views], bases))
+    every = [v["sft"]["every"]["by_turn"] for v in views]
+    lines.append(row("SFT without GAtt, instruction on every turn", every, None))
+    lines += ["", f"Without '{FOUR_WORDS}' (short answers are the norm there):", "", *head]
+    for key, label in LABELS.items():
+        bases = [_mean(_without(v[key]["none"])) for v in views]
+        lines.append(row(label, [_without(v[key]["first"]) for v in views], bases))
+    merged = mean_over_seeds(runs)["adherence"]
     lines += ["", f"By instruction: turn 1 / turn {turns} (base rate):", ""]
     lines += ["| instruction | " + " | ".join(LABELS) + " |", "|---|" + "---|" * len(LABELS)]
-    for instruction in adherence["sft"]["first"]["by_instruction"]:
+    for instruction in merged["sft"]["first"]["by_instruction"]:
         cells = []
         for key in LABELS:
-            values = adherence[key]["first"]["by_instruction"][instruction]
-            base = _mean(adherence[key]["none"]["by_instruction"][instruction])
+            values = merged[key]["first"]["by_instruction"][instruction]
+            base = _mean(merged[key]["none"]["by_instruction"][instruction])
             cells.append(f"{values[0]:.2f} / {values[-1]:.2f} ({base:.2f})")
         lines.append(f"| {instruction} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -188,6 +225,10 @@ def write_outputs(out: Path, results: dict[str, Any], turns: int) -> None:
             for given, result in views.items():
                 for t, value in enumerate(result["by_turn"]):
                     writer.writerow([key, given, t + 1, round(value, 4)])
+    seed = results["seed"]
+    seeds = (
+        f"seeds {', '.join(map(str, seed))} (mean)" if isinstance(seed, list) else f"seed {seed}"
+    )
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     xs = list(range(1, turns + 1))
     for key, label in LABELS.items():
@@ -204,7 +245,7 @@ def write_outputs(out: Path, results: dict[str, Any], turns: int) -> None:
     ax.set_xlabel("turn (instruction given in turn 1 only)")
     ax.set_ylabel("answers that follow the instruction")
     ax.set_title(
-        f"Ghost Attention, {results['n_eval']} held-out dialogs, seed {results['seed']} "
+        f"Ghost Attention, {results['n_eval']} held-out dialogs, {seeds} "
         "(dotted: base rate, no instruction)",
         fontsize=9,
     )
@@ -216,12 +257,30 @@ def write_outputs(out: Path, results: dict[str, Any], turns: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="everything is written here")
+    parser.add_argument("--out", type=Path, help="everything is written here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--turns", type=int, default=4, help="turns measured per dialog")
     parser.add_argument("--quick", action="store_true", help="a few steps each (smoke test)")
     parser.add_argument("--reuse", action="store_true", help="skip runs already finished in --out")
+    parser.add_argument(
+        "--report", nargs="+", type=Path, help="only print the tables of results.json files "
+        "(several: their mean), and with --out write the plot of that mean there",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.report:
+        runs = [json.loads(p.read_text()) for p in args.report]
+        merged = runs[0] if len(runs) == 1 else mean_over_seeds(runs)
+        turns = len(merged["adherence"]["sft"]["first"]["by_turn"])
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_outputs(args.out, merged, turns)
+        print(tables(runs, turns))
+        print(
+            f"sampled GAtt answers that follow their instruction: {merged['sampled_gatt_answers_follow']}"
+        )
+        return
+    if args.out is None:
+        parser.error("--out is required (unless --report)")
     out = args.out.resolve()
     t0 = time.perf_counter()
     files = write_data(out, args.seed, args.quick)
@@ -249,7 +308,7 @@ def main() -> None:
     results["run_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     results["seconds"] = round(time.perf_counter() - t0, 1)
     write_outputs(out, results, args.turns)
-    print(tables(results, args.turns))
+    print(tables([results], args.turns))
     print(
         f"sampled GAtt answers that follow their instruction: {results['sampled_gatt_answers_follow']}"
     )
