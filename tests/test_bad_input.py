@@ -114,6 +114,19 @@ def test_stage_without_its_inputs_names_the_command_to_run_first(
     )  # fmt: skip
 
 
+@pytest.mark.integration
+def test_gatt_without_its_sampler_names_the_key_and_the_stage(
+    policy: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    """data.gatt=true samples from outputs/sft/latest by default: missing before any SFT run."""
+    args = ["stage=sft", f"stage.init={policy}", "data.gatt=true", f"paths.outputs_root={tmp_path}"]
+    result = train([*args, f"paths.output_dir={tmp_path / 'r'}"], cache_dir)
+    assert_clean_error(
+        result, f"data.gatt_sampler={tmp_path}/sft/latest does not exist",
+        "python src/train.py stage=sft", "data.gatt_sampler=rules",
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- config and data
 @pytest.mark.integration
 def test_impossible_setting_is_refused_before_the_data_is_read(

@@ -209,7 +209,7 @@ def _datamodule(tokenizer: Tokenizer, **kwargs) -> SFTDataModule:
 
 
 def test_datamodule_builtin_packed_and_padded(tokenizer: Tokenizer):
-    dm = _datamodule(tokenizer, gatt=True, gatt_size=8, val_fraction=0.1)
+    dm = _datamodule(tokenizer, gatt=True, gatt_size=8, gatt_sampler="rules", val_fraction=0.1)
     summary = dm.validate()
     assert summary["records"] == {"train": 61, "val": 7}
     batch = next(iter(dm.train_dataloader()))

@@ -225,17 +225,17 @@ def test_sft_run_exports_a_transformers_model(sft_root: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sft_with_gatt_trains_end_to_end(
-    pretrained_root: Path, cache_dir: Path, tmp_path: Path
-) -> None:
-    args = [*QUICK, "stage=sft", f"stage.init={pretrained_root}/pretrain/latest"]
-    args += [f"paths.output_dir={tmp_path}", "trainer.max_steps=2", "data.gatt=true"]
-    args += ["data.builtin_size=60", "data.gatt_size=32", "data.batch_size=2", "stage.batch_size=2"]
+def test_sft_with_gatt_trains_end_to_end(sft_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """GAtt answers sampled from the default sampler, the newest SFT run (outputs/sft/latest)."""
+    args = [*QUICK, "stage=sft", f"paths.outputs_root={sft_root}", f"paths.output_dir={tmp_path}"]
+    args += ["trainer.max_steps=2", "data.gatt=true", "data.gatt_sampling.max_new_tokens=4"]
+    args += ["data.builtin_size=60", "data.gatt_size=8", "data.batch_size=2", "stage.batch_size=2"]
     args += ["stage.sample_generations=1", "stage.max_new_tokens=4"]
     result = _train(args, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "export" / "config.json").is_file()
-    assert "gatt: true" in result.stdout  # the printed config: the option reached the data
+    sampler = f"{sft_root}/sft/latest"
+    assert f"GAtt: sampled 8 dialogs with {sampler}" in result.stdout + result.stderr
 
 
 @pytest.mark.integration

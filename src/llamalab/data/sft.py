@@ -12,8 +12,10 @@ sample's BOS, which belongs to the prompt and is labelled -100: nothing crosses 
 `pack_examples` asserts it. Attention does not cross either: `segment_ids` make it
 block-diagonal and `position_ids` restart at 0 in every sample.
 
-GAtt (PAPER.md §3.3): the instruction stays in the first user turn only and the loss is zeroed
-on every turn but the last (`build_gatt_dialog`, `encode_sft_example(..., learn_only_last=True)`).
+GAtt (PAPER.md §3.3): the answers are sampled from a chat model with the instruction on every
+user turn (`data.gatt_sampler`, :mod:`llamalab.data.gatt`); for training the instruction stays in
+the first user turn only and the loss is zeroed on every turn but the last (`build_gatt_dialog`,
+`encode_sft_example(..., learn_only_last=True)`).
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from llamalab.data.builtin import builtin_gatt, builtin_sft
+from llamalab.data.corpus import default_cache_dir
 from llamalab.data.errors import DataError
 from llamalab.data.formats import Record, load_sft_records, normalize_sft
+from llamalab.data.gatt import GattSampling, check_sampler, sampled_records
 from llamalab.data.labels import IGNORE_INDEX
 from llamalab.data.sampling import ResumableDataModule, holdout_split
 from llamalab.tokenizer import DialogError, Message, Tokenizer
@@ -246,9 +251,18 @@ class SFTDataModule(ResumableDataModule):
         max_len: longest encoded dialog (<= seq_len when packing); longer -> `truncation`.
         truncation: "truncate" (cut at max_len) or "drop".
         num_workers: DataLoader workers.
-        gatt: with the built-in data, add the built-in GAtt dialogs (PAPER.md §3.3); a user
-            file brings its own as `{"instruction", "messages"}` records. `builtin_size`,
-            `gatt_size` size the built-in sets (None = their defaults).
+        gatt: Ghost Attention (PAPER.md §3.3): with the built-in data, add the built-in GAtt
+            dialogs; with a user file, its `{"instruction", "messages"}` records. Either way
+            their answers are sampled by `gatt_sampler` with the instruction on every user turn
+            (:mod:`llamalab.data.gatt`). Without `gatt`, a file's GAtt records are used as
+            written. `builtin_size`, `gatt_size` size the built-in sets (None = defaults).
+        gatt_sampler: the chat model that samples the GAtt answers (a path `load_model` reads;
+            None = `<outputs_root>/sft/latest`), or `rules`: the answers as written (the
+            built-in ones rewritten by rule). Checked here: a missing path stops the run.
+        gatt_sampling: `GattSampling` settings (max_new_tokens, temperature, top_p, batch_size,
+            device, wait_s).
+        cache_dir: where the sampled GAtt dialogs are cached (None = `$LLAMALAB_CACHE` or
+            `~/.cache/llamalab`).
         n_val_prompts: how many validation dialogs `val_prompts()` returns.
     """
 
@@ -269,6 +283,9 @@ class SFTDataModule(ResumableDataModule):
         gatt_size: int | None = None,
         n_val_prompts: int = 8,
         tokenizer: Tokenizer | None = None,
+        gatt_sampler: str | None = None,
+        gatt_sampling: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__(tokenizer_path, tokenizer, batch_size, seed, num_workers)
         self.max_len = seq_len if max_len is None else max_len
@@ -280,6 +297,9 @@ class SFTDataModule(ResumableDataModule):
         self.val_fraction, self.truncation = val_fraction, truncation
         self.gatt, self.n_val_prompts = gatt, n_val_prompts
         self.builtin_size, self.gatt_size = builtin_size, gatt_size
+        self.gatt_sampler = check_sampler(gatt_sampler) if gatt else None
+        self.gatt_sampling = GattSampling.from_dict(gatt_sampling)
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.train_records: list[Record] = []
         self.val_records: list[Record] = []
         self.stats: dict[str, EncodeStats] = {}
@@ -290,14 +310,37 @@ class SFTDataModule(ResumableDataModule):
     def load_records(self) -> list[Record]:
         """Validated, normalised records of `path` or of the built-in sets."""
         if self.path is not None:
-            return load_sft_records(self.path)
+            records = load_sft_records(self.path)
+            if self.gatt:
+                where = [i for i, r in enumerate(records) if "instruction" in r]
+                sampled = self._sample_gatt([records[i] for i in where])
+                for i, record in zip(where, sampled, strict=True):
+                    records[i] = record
+            return records
         size = {} if self.builtin_size is None else {"n": self.builtin_size}
-        raw = builtin_sft(self.seed, **size)
+        records = [normalize_sft(dict(row)) for row in builtin_sft(self.seed, **size)]
         if self.gatt:
-            raw += builtin_gatt(
-                self.seed, **({} if self.gatt_size is None else {"n": self.gatt_size})
-            )
-        return [normalize_sft(dict(row)) for row in raw]
+            gatt_size = {} if self.gatt_size is None else {"n": self.gatt_size}
+            gatt = [normalize_sft(dict(row)) for row in builtin_gatt(self.seed, **gatt_size)]
+            records += self._sample_gatt(gatt)
+        return records
+
+    def _sample_gatt(self, records: list[Record]) -> list[Record]:
+        assert self.gatt_sampler is not None
+        return sampled_records(
+            records,
+            self.gatt_sampler,
+            sampling=self.gatt_sampling,
+            seed=self.seed,
+            cache_dir=self.cache_root,
+            tokenizer=self.tokenizer,
+        )
+
+    def prepare_data(self) -> None:
+        """Sample and cache the GAtt dialogs (Lightning runs it on local rank 0; the other ranks
+        read the cache in `setup`)."""
+        if self.gatt and self.train_data is None:
+            self.load_records()
 
     def setup(self, stage: str | None = None) -> None:
         """Load, validate, split and encode once (idempotent; every rank does the same)."""

@@ -6,7 +6,9 @@
 - :mod:`~.answer`: the one "answer these prompts" path: chunked, seeded sampling
   (:func:`sample_responses`, also PPO's and rejection sampling's rollouts) and
   :func:`answer_prompts` (dialogs in Meta's chat format -> text cut at EOS), used by SFT's
-  validation samples, ``src/generate.py`` and ``src/chat.py``.
+  validation samples, ``src/generate.py`` and ``src/chat.py``; :func:`answer_turns`, multi-turn
+  dialogs answered turn by turn from their own answers (Ghost Attention's samples and its
+  adherence by turn, :mod:`llamalab.data.gatt`).
 
 Imports the model and the tokenizer only (no Lightning).
 """
@@ -14,6 +16,7 @@ Imports the model and the tokenizer only (no Lightning).
 from llamalab.generation.answer import (
     Answer,
     answer_prompts,
+    answer_turns,
     decode_answer,
     generate_chunks,
     merge_generations,
@@ -31,6 +34,7 @@ __all__ = [
     "Answer",
     "GenerationOutput",
     "answer_prompts",
+    "answer_turns",
     "decode_answer",
     "generate",
     "generate_chunks",

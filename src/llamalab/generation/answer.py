@@ -2,8 +2,10 @@
 
 One path for every place that answers prompts: SFT's validation samples
 (:mod:`llamalab.stages.sft`), ``src/generate.py`` and ``src/chat.py`` (:mod:`llamalab.chat`)
-call :func:`answer_prompts`; PPO's rollouts, rejection sampling and the held-out policy
-evaluation start from token ids and call :func:`sample_responses`.
+call :func:`answer_prompts`; Ghost Attention's samples and its adherence by turn
+(:mod:`llamalab.data.gatt`) call :func:`answer_turns` (multi-turn dialogs, turn by turn); PPO's
+rollouts, rejection sampling and the held-out policy evaluation start from token ids and call
+:func:`sample_responses`.
 
 Chunk ``k`` of a call samples with ``seed + k * seed_stride``: the result depends only on
 (weights, prompts, seed, chunk size), which is what an exactly resumed run needs.
@@ -152,3 +154,59 @@ def answer_prompts(
         )
         for tokens, finished in zip(output.tokens, output.finished, strict=True):
             yield Answer(decode_answer(tokenizer, tokens), tokens, bool(finished))
+
+
+def answer_turns(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    dialogs: Sequence[Sequence[Message]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    seed: int,
+    batch_size: int | None = None,
+    turn_stride: int = 1_000_003,
+) -> list[list[Answer]]:
+    """Answer multi-turn dialogs turn by turn, each from its own earlier answers.
+
+    ``dialogs[i]`` holds a dialog's messages without answers: an optional system message, then
+    its user turns. At turn ``t`` every dialog with more than ``t`` user turns is answered given
+    its first ``t + 1`` user turns and the answers it gave at turns ``0..t-1``; dialogs are batched
+    by ``batch_size`` (:func:`answer_prompts`), turn ``t`` seeded ``seed + t * turn_stride``, so
+    the result is a function of (weights, dialogs, seed, batch size). Returns each dialog's
+    answers in turn order.
+    """
+    for index, dialog in enumerate(dialogs):
+        roles = [m["role"] for m in dialog]
+        if "assistant" in roles or "user" not in roles:
+            raise ValueError(
+                f"dialog {index}: give the user turns (and an optional system) without answers"
+            )
+    answers: list[list[Answer]] = [[] for _ in dialogs]
+    turns = [[m for m in d if m["role"] == "user"] for d in dialogs]
+    heads = [[m for m in d if m["role"] != "user"] for d in dialogs]
+    for turn in range(max(len(t) for t in turns) if turns else 0):
+        live = [i for i, t in enumerate(turns) if len(t) > turn]
+        prompts = []
+        for i in live:
+            messages = list(heads[i])
+            for k in range(turn):
+                messages += [
+                    dict(turns[i][k]),
+                    {"role": "assistant", "content": answers[i][k].response},
+                ]
+            prompts.append([*messages, dict(turns[i][turn])])
+        replies = answer_prompts(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + turn * turn_stride,
+            batch_size=batch_size,
+        )
+        for i, reply in zip(live, replies, strict=True):
+            answers[i].append(reply)
+    return answers

@@ -24,9 +24,11 @@ The names below are re-exported so that ``from llamalab.data.builtin import buil
 from llamalab.data.builtin.gatt import (
     GATT_INSTRUCTIONS,
     GATT_SIZE,
+    GattPrompt,
     GattRecord,
     apply_instruction,
     builtin_gatt,
+    builtin_gatt_eval,
     follows_instruction,
     gatt_sampling_messages,
 )
@@ -130,6 +132,7 @@ __all__ = [
     "TASK_TEMPLATES",
     "TERSE_REFUSAL",
     "Dialog",
+    "GattPrompt",
     "GattRecord",
     "PreferenceRecord",
     "PromptRecord",
@@ -142,6 +145,7 @@ __all__ = [
     "apply_instruction",
     "builtin_eval_prompts",
     "builtin_gatt",
+    "builtin_gatt_eval",
     "builtin_preferences",
     "builtin_prompts",
     "builtin_sft",
