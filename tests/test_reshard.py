@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +35,7 @@ from lightning.pytorch.loops.progress import _BatchProgress
 
 from llamalab.data.pretrain import PretrainDataModule, ResumableSampler
 from llamalab.data.sampling import ResumableRandomSampler
+from llamalab.runner.checkpoints import resume_candidates
 from llamalab.runner.reshard import (
     LATEST_UNIVERSAL,
     STAMP,
@@ -195,6 +197,21 @@ def test_a_cached_conversion_is_dropped_when_its_source_changes(tmp_path: Path) 
     assert cached_universal(root, "checkpoint") == cached
     (root / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"newer")
     assert cached_universal(root, "checkpoint") is None  # last.ckpt rewritten: convert again
+
+
+def test_a_conversion_beside_a_checkpoint_does_not_make_it_the_newest(tmp_path: Path) -> None:
+    """``ckpt_path=auto`` orders sharded checkpoints by when they were saved (their ``latest``),
+    not by the directory's mtime, which the universal copy written into it later changes."""
+    folder = tmp_path / "checkpoints"
+    for step, saved in ((2, 1000.0), (4, 2000.0)):
+        ckpt = folder / f"step00000{step}.ckpt"
+        (ckpt / "checkpoint").mkdir(parents=True)
+        (ckpt / "latest").write_text("checkpoint")
+        os.utime(ckpt / "latest", (saved, saved))
+    (
+        folder / "step000002.ckpt" / "checkpoint_universal"
+    ).mkdir()  # a resume from step 2 converted it
+    assert [p.name for p in resume_candidates(tmp_path)] == ["step000004.ckpt", "step000002.ckpt"]
 
 
 @pytest.mark.slow  # DeepSpeed's converter in a subprocess: a few seconds

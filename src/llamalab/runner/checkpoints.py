@@ -190,6 +190,17 @@ def is_complete_checkpoint(path: Path) -> bool:
     return False
 
 
+def saved_at(path: Path) -> float:
+    """When a checkpoint was saved: a file's mtime; for a sharded directory, the mtime of the
+    index its save wrote (DeepSpeed's ``latest``, DCP's ``.metadata``), because later additions
+    to the directory (the universal copy of :mod:`llamalab.runner.reshard`) change its own."""
+    if path.is_dir():
+        for marker in ("latest", ".metadata"):
+            if (path / marker).exists():
+                return (path / marker).stat().st_mtime
+    return path.stat().st_mtime
+
+
 def resume_candidates(out_dir: Path) -> list[Path]:
     """Checkpoints of the run in ``out_dir``, newest first: ``checkpoints/*.ckpt`` (``last``,
     periodic, preemption) and Lightning's SLURM ``hpc_ckpt_*.ckpt``. A link (``last.ckpt``)
@@ -201,7 +212,7 @@ def resume_candidates(out_dir: Path) -> list[Path]:
         if not is_committed_name(path) or not path.exists():  # a dangling link: skip it
             continue
         target = Path(os.path.realpath(path)) if path.is_symlink() else path
-        dated[target] = target.stat().st_mtime
+        dated[target] = saved_at(target)
     for name in interrupted_commits(folder):
         olds = sorted(folder.glob(f"{name.name}.old-*"))
         if olds and name.suffix == ".ckpt":
