@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast test-unit test-integration test-distributed lint format typecheck install clean
+.PHONY: run test test-experiments test-fast test-unit test-integration test-distributed lint format typecheck install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ run: $(STAMP)
 	$(PY) src/train.py
 
 test: $(STAMP)
-	WANDB_MODE=offline $(PY) -m pytest -q
+	WANDB_MODE=offline $(PY) -m pytest -q -m "not experiment"
+
+# The experiments end to end in their --quick form (README, "Tests"): kept out of `make test`,
+# whose 30-minute budget on 2 cores they would break.
+test-experiments: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q -m experiment
 
 test-fast: $(STAMP)
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"

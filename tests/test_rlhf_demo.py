@@ -30,6 +30,7 @@ def demo(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.experiment  # the whole pipeline, several minutes: make test-experiments
 def test_quick_demo_writes_results_for_every_policy(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "demo"
     result = run_train(

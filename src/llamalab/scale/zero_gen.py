@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import wait_tensor
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from llamalab.scale.build import (
@@ -68,6 +70,12 @@ def host_tensors(
     (``mode="none"``), the parameters themselves are handed on (a device tensor is copied to
     the host by the consumer).
     """
+    if mode == "fsdp":  # the same sharded state on every rank (a root left unsharded after
+        # its forward holds plain tensors on one rank and DTensors on another once something,
+        # e.g. state_dict(), reshards it there: the gathers below would then differ by rank)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
     for prefix, unit in units(model):
         if mode == "none":
             if keep:
@@ -79,6 +87,8 @@ def host_tensors(
                 full = p.full_tensor() if isinstance(p, DTensor) else p  # FSDP: a collective
                 if keep:  # a copy: DeepSpeed reuses or frees the gathered buffer
                     out.append((prefix + name, full.detach().to("cpu", copy=True)))
+                elif isinstance(p, DTensor):  # FSDP's gather is asynchronous: finish it here
+                    wait_tensor(full)
         yield from out
 
 
