@@ -12,8 +12,8 @@ model in one ``(2B, T)`` forward, the reference's under ``no_grad``.
 Models (:mod:`llamalab.pipeline`): the policy (``self.model``, trained, from ``stage.init``) and
 the reference (``self.reference``, frozen, the same weights: the SFT model by default), loaded
 sharded like the policy under ZeRO-3 / FSDP (:func:`llamalab.scale.build.load_roles`). The
-reference is left out of checkpoints and reloaded from ``stage.init`` on resume; the export is
-the policy, a ``LlamaForCausalLM`` like SFT's.
+reference is left out of checkpoints (but under FSDP) and reloaded from ``stage.init`` on
+resume; the export is the policy, a ``LlamaForCausalLM`` like SFT's.
 
 Logged (``train/`` per step, ``val/`` per validation, synchronised across ranks): ``loss``,
 ``rewards/chosen`` and ``rewards/rejected`` (the implicit rewards ``beta (log pi - log ref)``),
@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric
 from llamalab import perf
 from llamalab.pipeline import STAGES
 from llamalab.rlhf.losses import DPO_LOSSES, dpo_loss, sequence_logprobs
-from llamalab.scale.build import Role, check_same_vocabulary, load_roles
+from llamalab.scale.build import Role, check_same_vocabulary, load_roles, module_sharding
 from llamalab.stages.base import LlamaStage
 
 FROZEN = STAGES["dpo"].frozen_attributes  # ("reference",): reloaded from stage.init, not saved
@@ -124,6 +124,11 @@ class DPOStage(LlamaStage):
         check_same_vocabulary({"policy": policy, "reference": models["reference"]})
         self.reference = models["reference"]
         self.model = self.wrap_model(policy)
+        if self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__:
+            # DeepSpeed saves without frozen parameters (`exclude_frozen_parameters`) and loads
+            # its module states itself, strictly unless told otherwise: the reference, loaded
+            # from init above, is the one part a resumed checkpoint lacks.
+            self.strict_loading = False
 
     # ------------------------------------------------------------------ log-probs and loss
     @staticmethod
@@ -192,8 +197,12 @@ class DPOStage(LlamaStage):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The policy under ``model.`` (as SFT's); the frozen reference is left out."""
+        """The policy under ``model.`` (as SFT's); the frozen reference is left out (DeepSpeed
+        leaves it out itself: ``exclude_frozen_parameters``). Under FSDP it stays in:
+        ``torch.distributed.checkpoint`` loads every key of the module or fails."""
         super().on_save_checkpoint(checkpoint)
+        if module_sharding(self) == "fsdp":
+            return
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
             del state[key]
