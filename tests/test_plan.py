@@ -101,7 +101,7 @@ def test_stage_models_roles_and_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(PlanError, match="no model"):
         StageModels.for_stage("ppo", {"policy": "x"})
     with pytest.raises(PlanError, match="unknown stage"):
-        StageModels.for_stage("dpo")
+        StageModels.for_stage("kto")
 
 
 # ---- layer sizes and ZeRO parity ---------------------------------------------------------------

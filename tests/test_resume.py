@@ -115,6 +115,20 @@ def test_reward_model_resumes_bit_identically(tmp_path: Path, cache_dir: Path, t
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_dpo_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_inputs) -> None:
+    """The policy resumes from the checkpoint; the frozen reference, left out of it, is reloaded
+    from stage.init."""
+    overrides = [
+        *QUIET, "stage=dpo", "callbacks=none", f"stage.init={tiny_inputs['policy']}",
+        "data.builtin_size=16", "data.batch_size=4", "stage.batch_size=8",
+        "trainer.max_steps=4", "++trainer.limit_val_batches=1",
+    ]  # fmt: skip
+    a, b = straight_and_resumed(tmp_path, cache_dir, overrides, stop_at=2)
+    assert_identical(a, b)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_ppo_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_inputs) -> None:
     """Actor weights after 3 iterations equal those of 1 iteration + preemption + 2 more: the
     rollout seeds, prompt position, KL controller and running reward moments all resume."""

@@ -6,7 +6,8 @@ checks, the memory plan, chat's default model and PPO's checkpoint contents):
 ```
 pretrain ──> sft ──┬──> reward rm=helpful ──┬──> ppo
                    ├──> reward rm=safety  ──┤
-                   └────────────────────────┴──> rejection_sampling
+                   ├────────────────────────┴──> rejection_sampling
+                   └──> dpo                       (beyond the paper)
 ```
 
 The paper's chain, SFT -> rejection sampling -> PPO, is ``stage=ppo
@@ -157,6 +158,17 @@ STAGES: dict[str, Stage] = {
                 Model("policy", "lm", True, "init"),
                 Model("reward_helpful", "scalar", False, "reward_helpful", None),
                 Model("reward_safety", "scalar", False, "reward_safety", None),
+            ),
+        ),
+        # Beyond the paper: DPO (Rafailov et al. 2023) on the reward stage's preference pairs; the
+        # policy and its frozen reference both start from SFT.
+        Stage(
+            "dpo",
+            {"dpo": "python src/train.py stage=dpo"},
+            (_SFT_INIT,),
+            (
+                Model("policy", "lm", True, "init"),
+                Model("reference", "lm", False, "init", "reference"),
             ),
         ),
     )

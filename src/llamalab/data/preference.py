@@ -1,14 +1,17 @@
-"""Preference pairs for the reward models: encoding, the chosen/rejected batch, the datamodule.
+"""Preference pairs for the reward models and DPO: encoding, the chosen/rejected batch, the
+datamodule.
 
 PAPER.md §3.2.2: a reward model reads the prompt (with earlier turns) plus one response and
 gives a scalar; the ranking loss compares the chosen and the rejected response of a pair, with a
 margin that depends on the rating. Both responses are encoded as full dialogs
 `encode_dialog(prompt + [assistant answer])`, so each ends with the answer's EOS, the token
-whose value the reward model reads.
+whose value the reward model reads. DPO reads the same rows and sums the policy's log-probs over
+the final answer's tokens (its EOS included), which `labels` marks.
 
 Batch (docs/interfaces.md): `input_ids (2B, T)`: chosen rows 0..B-1, rejected rows B..2B-1,
-padded with `pad_id`; `attention_mask (2B, T)`; `rating (B,)` long index into RATINGS (-1 =
-none); `is_safety (B,)` bool.
+padded with `pad_id`; `attention_mask (2B, T)`; `labels (2B, T)`: the token on the final
+answer's tokens and EOS, `IGNORE_INDEX` on the prompt (earlier turns included) and padding, as
+in SFT; `rating (B,)` long index into RATINGS (-1 = none); `is_safety (B,)` bool.
 """
 
 from __future__ import annotations
@@ -22,14 +25,30 @@ import torch
 from llamalab.data.builtin import builtin_preferences
 from llamalab.data.errors import DataError
 from llamalab.data.formats import Record, load_preference_records, normalize_preference
-from llamalab.data.labels import parse_rating
+from llamalab.data.labels import IGNORE_INDEX, parse_rating
 from llamalab.data.sampling import ResumableDataModule, holdout_split
 from llamalab.tokenizer import DialogError, Tokenizer
 
 log = logging.getLogger(__name__)
 
 PaddingSide = Literal["right", "left"]
-KINDS = ("helpful", "safety")
+KINDS = ("helpful", "safety", "both")  # "both": the helpful and the safety built-in pairs
+
+
+def encode_answer(
+    tokenizer: Tokenizer, prompt: Sequence[Any], answer: str, field: str
+) -> tuple[list[int], int]:
+    """``encode_dialog(prompt + [assistant answer])`` and the index of the answer's first token
+    (the answer runs from there to the closing EOS: SFT's label mask of the last answer)."""
+    dialog = [*prompt, {"role": "assistant", "content": answer}]
+    try:
+        ids, mask = tokenizer.encode_dialog_with_mask(dialog)
+    except DialogError as err:
+        raise DataError(str(err), field=field) from None
+    start = len(mask)
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ids, start
 
 
 def encode_preference(
@@ -38,42 +57,44 @@ def encode_preference(
     """(chosen ids, rejected ids) of a normalised preference record, each the full dialog
     ending with EOS; None when either is longer than `max_len` (cutting would remove the EOS
     the reward is read from, so over-long pairs are dropped, not truncated)."""
-    encoded = []
+    item = encode_preference_item(tokenizer, record, max_len)
+    return None if item is None else (item["chosen_ids"], item["rejected_ids"])
+
+
+def encode_preference_item(
+    tokenizer: Tokenizer, record: Record, max_len: int
+) -> dict[str, Any] | None:
+    """``{"chosen_ids", "chosen_start", "rejected_ids", "rejected_start"}`` of a record (each
+    start: where the final answer begins); None when either side is longer than ``max_len``."""
+    item: dict[str, Any] = {}
     for key in ("chosen", "rejected"):
-        dialog = [*record["prompt"], {"role": "assistant", "content": record[key]}]
-        try:
-            encoded.append(tokenizer.encode_dialog(dialog))
-        except DialogError as err:
-            raise DataError(str(err), field=key) from None
-    if max(len(ids) for ids in encoded) > max_len:
+        item[f"{key}_ids"], item[f"{key}_start"] = encode_answer(
+            tokenizer, record["prompt"], record[key], key
+        )
+    if max(len(item["chosen_ids"]), len(item["rejected_ids"])) > max_len:
         return None
-    return encoded[0], encoded[1]
+    return item
 
 
 def encode_preference_records(
     tokenizer: Tokenizer, records: Sequence[Record], max_len: int, source: str = ""
 ) -> tuple[list[dict[str, Any]], int]:
-    """Items `{"chosen_ids", "rejected_ids", "rating" (int, -1 none), "is_safety"}` and the
-    number of pairs dropped for length."""
+    """Items `{"chosen_ids", "chosen_start", "rejected_ids", "rejected_start", "rating" (int,
+    -1 none), "is_safety"}` and the number of pairs dropped for length."""
     items, dropped = [], 0
     for index, record in enumerate(records):
         try:
-            pair = encode_preference(tokenizer, record, max_len)
+            item = encode_preference_item(tokenizer, record, max_len)
         except DataError as err:
             raise DataError(
                 f"record {index + 1}: {err.message}", source or None, None, err.field
             ) from None
-        if pair is None:
+        if item is None:
             dropped += 1
             continue
-        items.append(
-            {
-                "chosen_ids": pair[0],
-                "rejected_ids": pair[1],
-                "rating": parse_rating(record.get("rating")),
-                "is_safety": bool(record.get("is_safety", False)),
-            }
-        )
+        item["rating"] = parse_rating(record.get("rating"))
+        item["is_safety"] = bool(record.get("is_safety", False))
+        items.append(item)
     return items, dropped
 
 
@@ -94,8 +115,20 @@ def pad_rows(
     return ids, mask
 
 
+def answer_labels(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: Sequence[int]
+) -> torch.Tensor:
+    """``labels (N, T)``: each row's tokens from its answer start (counted in real tokens) to its
+    last real token, ``IGNORE_INDEX`` elsewhere; either padding side."""
+    real = attention_mask.bool()
+    position = real.long().cumsum(dim=1) - 1  # index among the row's real tokens
+    start = torch.tensor(list(starts), dtype=torch.long).unsqueeze(1)
+    return torch.where(real & (position >= start), input_ids, IGNORE_INDEX)
+
+
 class PreferenceCollator:
-    """Items of `encode_preference_records` -> the preference batch (module docstring)."""
+    """Items of `encode_preference_records` -> the preference batch (module docstring); items
+    without answer starts (pairs built by hand) give a batch without `labels`."""
 
     def __init__(self, pad_id: int, padding_side: PaddingSide = "right") -> None:
         if padding_side not in ("right", "left"):
@@ -107,19 +140,25 @@ class PreferenceCollator:
             raise ValueError("cannot collate an empty batch")
         rows = [item["chosen_ids"] for item in items] + [item["rejected_ids"] for item in items]
         input_ids, attention_mask = pad_rows(rows, self.pad_id, self.padding_side)
-        return {
+        batch = {
             "input_ids": input_ids,  # (2B, T)
             "attention_mask": attention_mask,  # (2B, T)
             "rating": torch.tensor([item["rating"] for item in items], dtype=torch.long),
             "is_safety": torch.tensor([item["is_safety"] for item in items], dtype=torch.bool),
         }
+        if all("chosen_start" in item for item in items):
+            starts = [item["chosen_start"] for item in items]
+            starts += [item["rejected_start"] for item in items]
+            batch["labels"] = answer_labels(input_ids, attention_mask, starts)  # (2B, T)
+        return batch
 
 
 class PreferenceDataModule(ResumableDataModule):
-    """Preference pairs for the helpfulness or the safety reward model (PAPER.md §3.2.2).
+    """Preference pairs for the helpfulness or the safety reward model (PAPER.md §3.2.2) or DPO.
 
     Args:
-        kind: "helpful" or "safety": which built-in mix (and the name in logs).
+        kind: "helpful", "safety" or "both" (the two built-in sets together, DPO's default):
+            which built-in mix (and the name in logs).
         path: a source `formats.load_preference_records` reads; None = the built-in pairs
             (`builtin_preferences(kind, "train"|"validation", seed)`).
         val_path: held-out pairs for a user `path`; else `val_fraction` of `path` is held out.
@@ -127,7 +166,7 @@ class PreferenceDataModule(ResumableDataModule):
         max_len: longest encoded prompt + response; longer pairs are dropped and counted.
         batch_size: pairs per batch per device (the batch has 2 * batch_size rows).
         padding_side: "right" (default) or "left".
-        builtin_size: number of built-in training pairs (None = the default).
+        builtin_size: number of built-in training pairs of each kind (None = the default).
     """
 
     def __init__(
@@ -167,8 +206,9 @@ class PreferenceDataModule(ResumableDataModule):
     def _load(self) -> dict[str, list[Record]]:
         if self.path is None:
             n = self.builtin_size
-            train = builtin_preferences(self.kind, "train", self.seed, n)
-            val = builtin_preferences(self.kind, "validation", self.seed)
+            kinds = ("helpful", "safety") if self.kind == "both" else (self.kind,)
+            train = [r for k in kinds for r in builtin_preferences(k, "train", self.seed, n)]
+            val = [r for k in kinds for r in builtin_preferences(k, "validation", self.seed)]
             return {
                 "train": [normalize_preference(dict(r)) for r in train],
                 "val": [normalize_preference(dict(r)) for r in val],

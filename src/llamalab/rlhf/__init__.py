@@ -1,6 +1,6 @@
 """Pure maths and types of the LLaMA 2 recipe, on torch alone: LM loss, ranking loss with
-margins, the combined PPO reward, KL estimators and controllers, GAE, clipped PPO losses and
-whitening (re-exported here); rollouts and the score bundle (:mod:`~.rollout`) and the
+margins, the DPO / IPO losses, the combined PPO reward, KL estimators and controllers, GAE,
+clipped PPO losses and whitening (re-exported here); rollouts and the score bundle (:mod:`~.rollout`) and the
 experience PPO trains on (:mod:`~.experience`: ``make_experience``, ``ppo_objective``).
 The plain-Python label names of ``llamalab.data.labels`` are re-exported for existing callers.
 """
@@ -14,12 +14,15 @@ from llamalab.rlhf.kl import (
     kl_penalty,
 )
 from llamalab.rlhf.losses import (
+    DPO_LOSSES,
     MARGINS,
+    dpo_loss,
     lm_loss,
     lm_loss_per_sample,
     ranking_loss,
     rating_margins,
     reward_centering_loss,
+    sequence_logprobs,
 )
 from llamalab.rlhf.ppo import (
     entropy_from_logits,
@@ -46,6 +49,7 @@ from llamalab.rlhf.stats import (
 )
 
 __all__ = [
+    "DPO_LOSSES",
     "IGNORE_INDEX",
     "KL_KINDS",
     "MARGINS",
@@ -57,6 +61,7 @@ __all__ = [
     "combined_raw_score",
     "combined_reward",
     "default_kl_coef",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae",
@@ -73,6 +78,7 @@ __all__ = [
     "ranking_loss",
     "rating_margins",
     "reward_centering_loss",
+    "sequence_logprobs",
     "sequence_rewards_to_token_rewards",
     "truncation_penalty",
     "value_loss",

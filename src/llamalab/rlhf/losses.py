@@ -1,4 +1,5 @@
-"""Supervised losses: next-token cross entropy (pretraining, SFT) and the reward-model ranking loss.
+"""Supervised losses: next-token cross entropy (pretraining, SFT), the reward-model ranking loss
+and the DPO / IPO preference losses.
 
 The label conventions they read (``IGNORE_INDEX``, the rating names ``RATINGS`` and their parsing)
 live in :mod:`llamalab.data.labels`; the margins per rating are maths and stay here.
@@ -150,3 +151,63 @@ def reward_centering_loss(
     safety threshold of §3.2.3. r_chosen, r_rejected: (B,) -> float32 scalar.
     """
     return coef * (r_chosen.float() + r_rejected.float()).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------- DPO
+# Direct Preference Optimization (Rafailov et al. 2023, eq. 7) and IPO (Azar et al. 2023, eq. 17):
+# not in the LLaMA 2 paper; the baseline users of TRL / OpenRLHF / torchtune compare PPO against.
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+def sequence_logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """log pi(y | x) of each row: the sum of the next-token log-probs over labelled tokens.
+
+    logits (B, T, V), labels (B, T) aligned with the inputs (shifted here, as in `lm_loss`;
+    ``ignore_index`` on the prompt and padding) -> (B,) float32; 0 for a row without labels.
+    """
+    loss, _ = _per_token_lm_loss(logits, labels, ignore_index)
+    return -loss.sum(dim=1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO / IPO losses and the implicit rewards of both responses.
+
+    Inputs are (B,) sequence log-probs (:func:`sequence_logprobs`) of the chosen and rejected
+    responses under the policy and the frozen reference. With the log-ratio difference
+    ``h = (pi_c - ref_c) - (pi_r - ref_r)``:
+
+    - ``sigmoid`` (DPO): ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``, eps =
+      ``label_smoothing`` (0 = the paper's loss; > 0 = conservative DPO, the chance that a
+      label is flipped, as TRL's ``label_smoothing``);
+    - ``ipo``: ``(h - 1 / (2 beta))^2`` on the summed log-probs (TRL averages them per token
+      for IPO; this keeps one definition of h for both variants).
+
+    Returns ``(losses (B,), chosen_rewards (B,), rejected_rewards (B,))``, float32; the rewards
+    ``beta (pi - ref)`` are detached (metrics only).
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss {loss_type!r}: use one of {DPO_LOSSES}")
+    if beta <= 0:
+        raise ValueError(f"DPO beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"DPO label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_ratio = policy_chosen.float() - reference_chosen.float()
+    rejected_ratio = policy_rejected.float() - reference_rejected.float()
+    h = chosen_ratio - rejected_ratio
+    if loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)).pow(2)
+    else:
+        losses = -(1.0 - label_smoothing) * F.logsigmoid(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

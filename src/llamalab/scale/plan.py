@@ -77,6 +77,10 @@ def default_cluster(model_name: str) -> tuple[int, int]:
     return DEFAULT_CLUSTERS[key]
 
 
+# Stages whose micro-batch counts preference pairs: a chosen and a rejected row each.
+PAIR_STAGES = ("reward", "dpo")
+
+
 # ---- which models a stage holds ----------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelSpec:
@@ -200,7 +204,7 @@ def make_plan(
     """The memory plan of a run, from numbers alone (no model is built, nothing is allocated).
 
     ``devices``: GPUs per node; ``micro_batch``: sequences per GPU per step (pairs for the
-    reward stage, whose batch holds chosen and rejected rows); ``rollout_batch`` /
+    reward and DPO stages, whose batches hold chosen and rejected rows); ``rollout_batch`` /
     ``rollout_len``: sequences generated at once per GPU and their prompt + response length
     (default: ``micro_batch`` and ``seq_len``; PPO and rejection sampling only);
     ``checkpoints_kept``: periodic checkpoints kept on disk (``save_top_k``).
@@ -219,7 +223,7 @@ def make_plan(
     rows = _model_rows(config, specs, strategy, devices, num_nodes, precision)
     num = numerics(strategy, precision)
     generates = stage in ("ppo", "rejection_sampling")
-    train_rows = 2 * micro_batch if stage == "reward" else micro_batch
+    train_rows = 2 * micro_batch if stage in PAIR_STAGES else micro_batch
     phases, figures = _phase_bytes(
         config, specs, num, train_rows, seq_len, activation_checkpointing,
         (rollout_batch, rollout_len) if generates else None,
