@@ -392,6 +392,7 @@ def test_a_few_iterations_log_everything_and_export_the_actor(
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.experiment  # make test-experiments (2 min): a learning-quality check, as the RLHF demo
 def test_reward_rises_while_kl_stays_bounded(
     world: dict[str, Path], tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -84,6 +84,7 @@ def tiny_inputs(tiny_checkpoints: dict) -> dict[str, Path]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.experiment  # make test-experiments: test_resume_defaults.py proves this on the default config
 def test_pretraining_resumes_bit_identically(tmp_path: Path, cache_dir: Path) -> None:
     a, b = straight_and_resumed(tmp_path, cache_dir, PRETRAIN, stop_at=2)
     assert_identical(a, b)
@@ -91,6 +92,7 @@ def test_pretraining_resumes_bit_identically(tmp_path: Path, cache_dir: Path) ->
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.experiment  # make test-experiments: test_resume_defaults.py proves this on the default config
 def test_sft_resumes_bit_identically(tmp_path: Path, cache_dir: Path, tiny_inputs) -> None:
     overrides = [
         *QUIET, "stage=sft", "callbacks=none", f"stage.init={tiny_inputs['policy']}",
