@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	# torch pinned again: litdata pulls torchvision, whose newest release would upgrade torch
+	$(PY) -m pip install -q -e ".[dev]" torch==2.13.0
 	touch $(STAMP)
 
 install: $(STAMP)

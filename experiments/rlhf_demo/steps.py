@@ -61,7 +61,8 @@ class Step:
 
 # Round 1, in order. PPO from SFT is the plain `stage=ppo`; "PPO from rejection sampling" is the
 # paper's chain, `stage.init=outputs/rejection_sampling/latest`, its KL still to SFT (the
-# default `stage.reference`). A DPO row would be `Step("dpo", "dpo", ("stage=dpo",), row="DPO")`.
+# default `stage.reference`). DPO (not in the paper; the baseline users compare PPO with) trains
+# from SFT on the same built-in preferences the two reward models learn (`data.kind=both`).
 STEPS: tuple[Step, ...] = (
     Step("pretrain", "pretrain", (), ("trainer.val_check_interval=3", *QUICK_TRAIN)),
     Step("sft", "sft", ("stage=sft",), (*QUICK_TRAIN, "stage.sample_generations=0"), row="SFT"),
@@ -82,6 +83,7 @@ STEPS: tuple[Step, ...] = (
         QUICK_PPO,
         row="PPO (from rejection sampling)",
     ),
+    Step("dpo", "dpo", ("stage=dpo",), (*QUICK_TRAIN, "data.builtin_size=48"), row="DPO"),
 )
 STEP = {step.name: step for step in STEPS}
 REWARD_KINDS = ("helpful", "safety")
