@@ -18,14 +18,14 @@ from llamalab.data.preference import PreferenceDataModule
 from llamalab.runner.run import stage_inputs
 
 DEMO = REPO / "experiments" / "rlhf_demo"
-POLICIES = ("sft", "rejection_sampling", "ppo", "ppo_from_rs")
+POLICIES = ("sft", "rejection_sampling", "ppo", "ppo_from_rs", "dpo")
 
 
 @pytest.fixture
 def demo(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
     """The demo's helper modules (imported as ``run.py`` imports them)."""
     monkeypatch.syspath_prepend(str(DEMO))
-    return {name: importlib.import_module(name) for name in ("steps", "pairs")}
+    return {name: importlib.import_module(name) for name in ("steps", "pairs", "seeds")}
 
 
 @pytest.mark.integration
@@ -150,3 +150,41 @@ def test_a_round_rates_pairs_and_trains_on_every_preference_so_far(
     sampled = pairs.sample_answers(policy, records[:4], max_new_tokens=4, seed=1)
     assert len(sampled) == 4 and all(isinstance(a, str) and isinstance(b, str) for a, b in sampled)
     assert sampled == pairs.sample_answers(policy, records[:4], max_new_tokens=4, seed=1)
+
+
+def _fake_results(seed: int, truth: float, kl: float) -> dict:
+    metrics = {"ground_truth": truth, "refusal_rate_harmful": 0.5, "false_refusal_rate": 0.1,
+               "helpfulness": 0.0, "reward_helpful": 0.6, "reward_safety": 0.7, "kl_to_sft": kl}  # fmt: skip
+    accuracy = {"first_round_data": 0.9}
+    return {
+        "seed": seed,
+        "seconds": 100.0 + seed,
+        "sft": {"label": "SFT", **metrics, "ground_truth": 0.1, "kl_to_sft": 0.0},
+        "ppo": {"label": "PPO (from SFT)", **metrics},
+        "rounds": [
+            {
+                "round": 1,
+                "ground_truth": {"rejection_sampling": 0.2, "ppo": truth},
+                "kl_to_sft": {"ppo": kl},
+                "rm_accuracy": {"helpful": accuracy, "safety": accuracy},
+            },
+        ],  # fmt: skip
+    }
+
+
+def test_seeds_summary_is_mean_and_sample_sd_of_the_seeds(
+    demo: dict[str, ModuleType], tmp_path: Path
+) -> None:
+    """``run.py --seeds``: the tables over seeds are the mean ± sample sd of each seed's
+    results.json (hand-computed: ground truth 0.2 and 0.4 -> 0.300 ± 0.141)."""
+    results = {0: _fake_results(0, 0.2, 3.0), 1: _fake_results(1, 0.4, 5.0)}
+    summary = demo["seeds"].summarize(tmp_path, results, seconds=123.0)
+    sft, ppo = summary["policies"]
+    assert (sft["policy"], ppo["policy"]) == ("SFT", "PPO (from SFT)")
+    assert ppo["ground truth"] == "0.300 ± 0.141" and ppo["KL to SFT (nats)"] == "4.000 ± 1.414"
+    assert sft["ground truth"] == "0.100 ± 0.000" and ppo["ground_truth_per_seed"] == [0.2, 0.4]
+    (round1,) = summary["rounds"]
+    assert round1["ground truth: ppo"] == "0.300 ± 0.141"
+    text = (tmp_path / "summary.md").read_text()
+    assert "| PPO (from SFT) | 0.300 ± 0.141 |" in text and "Seeds 0, 1" in text
+    assert json.loads((tmp_path / "summary.json").read_text())["seconds"] == 123.0

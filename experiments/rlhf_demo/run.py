@@ -4,12 +4,14 @@ chain), optionally more RLHF rounds, then every policy judged on the held-out pr
 rule-checked ground truth (README.md in this folder).
 
     python experiments/rlhf_demo/run.py --out DIR [--seed N] [--rounds N] [--quick] [--reuse]
+    python experiments/rlhf_demo/run.py --out DIR --seeds 0 1 2 [--jobs 3] [--rounds N] ...
 
 Each training step is the user's own command (``python src/train.py stage=...``) with
 ``paths.outputs_root=DIR/outputs`` (``steps.py``), so stages find each other through
 ``outputs/<run>/latest`` exactly as they do for a user. Round r >= 2 first collects preferences
 on the latest policy (``pairs.py``). Writes ``DIR/results.json`` and ``DIR/results.md`` and
-prints the tables.
+prints the tables. ``--seeds`` runs one such process per seed (``DIR/seed<N>``) and writes
+the tables as mean ± sd over the seeds (``seeds.py``: ``DIR/summary.md``, ``summary.json``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from judging import judge_policies, logged_accuracy, pair_accuracy
 from pairs import collect_round, read_jsonl, write_round1
+from seeds import run_seeds, seed_dir, summarize
 from steps import REWARD_KINDS, STEP, STEPS, Step, finished, round_export, round_steps, run_step
 
 from llamalab.experiments import markdown_table, write_json
@@ -141,6 +144,10 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="everything is written here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--seeds", type=int, nargs="+", help="run these seeds (DIR/seed<N>), then mean ± sd tables"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="with --seeds: seeds run at a time")
+    parser.add_argument(
         "--rounds", type=int, default=1, help="RLHF rounds (round 2 on: new preferences)"
     )
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
@@ -150,6 +157,9 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     out = args.out.resolve()
+    if args.seeds:
+        many_seeds(args, out)
+        return
     outputs, prefs = out / "outputs", out / "preferences"
     outputs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -191,6 +201,22 @@ def main() -> None:
     (out / "results.md").write_text(tables)
     print(tables)
     print(f"[rlhf_demo] seed {args.seed}: {results['seconds']:.0f} s; results in {out}")
+
+
+def many_seeds(args: argparse.Namespace, out: Path) -> None:
+    """``--seeds``: each seed's full demo (``--reuse``: finished seeds only summarized)."""
+    out.mkdir(parents=True, exist_ok=True)
+    passthrough = [f"--rounds={args.rounds}"] + [
+        flag for flag in ("--quick", "--reuse", "--wandb") if getattr(args, flag[2:])
+    ]
+    todo = [
+        s for s in args.seeds if not (args.reuse and (seed_dir(out, s) / "results.json").is_file())
+    ]
+    seconds = run_seeds(out, todo, max(1, args.jobs), passthrough) if todo else None
+    results = {s: json.loads((seed_dir(out, s) / "results.json").read_text()) for s in args.seeds}
+    summarize(out, results, seconds)
+    print((out / "summary.md").read_text())
+    print(f"[rlhf_demo] seeds {args.seeds}: results in {out}/summary.md")
 
 
 if __name__ == "__main__":
