@@ -168,7 +168,7 @@ def _fake_results(seed: int, truth: float, kl: float) -> dict:
                 "kl_to_sft": {"ppo": kl},
                 "rm_accuracy": {"helpful": accuracy, "safety": accuracy},
             },
-        ],  # fmt: skip
+        ],
     }
 
 

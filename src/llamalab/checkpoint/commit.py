@@ -159,3 +159,22 @@ def save_committed(
         commit(partial, final)
     strategy.barrier("llamalab-checkpoint-committed")
     return final
+
+
+class CommittedCheckpoints:
+    """Mixin for a Lightning strategy (listed before it in the bases): its checkpoints are written
+    with :func:`save_committed` (each rank into the fresh name, rank 0 commits) and removed with
+    :func:`remove_path`, so neither a crash nor a deletion leaves a half-written checkpoint under a
+    complete one's name. The strategy's own ``save_checkpoint`` writes the files."""
+
+    is_global_zero: bool
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        write = super().save_checkpoint  # type: ignore[misc]
+        save_committed(self, filepath, lambda path: write(checkpoint, path, storage_options))
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero:
+            remove_path(Path(filepath))

@@ -19,7 +19,6 @@ of DeepSpeed rewriting ``<name>/checkpoint/`` in place; removals are atomic rena
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,14 +26,14 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-from llamalab.checkpoint.commit import remove_path, save_committed
+from llamalab.checkpoint.commit import CommittedCheckpoints
 
 # Test hook, "RANK:STEP": that rank dies (os._exit) when it starts writing its first file of the
 # checkpoint saved at that global step, after the other ranks began theirs. Unset in real runs.
 DIE_IN_SAVE_ENV = "LLAMALAB_TEST_DIE_IN_SAVE"
 
 
-class LlamaDeepSpeedStrategy(DeepSpeedStrategy):
+class LlamaDeepSpeedStrategy(CommittedCheckpoints, DeepSpeedStrategy):
     """``DeepSpeedStrategy(config=...)`` that also runs on ``accelerator=cpu``.
 
     Args: those of ``DeepSpeedStrategy``; the YAML configs pass the whole DeepSpeed ``config``
@@ -83,15 +82,7 @@ class LlamaDeepSpeedStrategy(DeepSpeedStrategy):
     ) -> None:
         """DeepSpeed's checkpoint of all ranks, committed atomically under ``filepath``."""
         self._die_in_save_hook()
-        save_committed(
-            self, filepath, lambda path: super(LlamaDeepSpeedStrategy, self).save_checkpoint(
-                checkpoint, path, storage_options
-            ),
-        )  # fmt: skip
-
-    def remove_checkpoint(self, filepath: Any) -> None:
-        if self.is_global_zero:
-            remove_path(Path(filepath))
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def _die_in_save_hook(self) -> None:
         spec = os.environ.get(DIE_IN_SAVE_ENV)

@@ -11,33 +11,19 @@ written under a fresh name and committed by rank 0 once every rank is done
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from llamalab.checkpoint.commit import remove_path, save_committed
+from llamalab.checkpoint.commit import CommittedCheckpoints
 
 
-class LlamaModelParallelStrategy(ModelParallelStrategy):
+class LlamaModelParallelStrategy(CommittedCheckpoints, ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` whose checkpoints (a torch distributed checkpoint
     directory, or one file with ``save_distributed_checkpoint: false``) are committed atomically
     once every rank has written its shard."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        save_committed(
-            self, filepath, lambda path: super(LlamaModelParallelStrategy, self).save_checkpoint(
-                checkpoint, path, storage_options
-            ),
-        )  # fmt: skip
-
-    def remove_checkpoint(self, filepath: Any) -> None:
-        if self.is_global_zero:
-            remove_path(Path(filepath))
 
 
 def devices_per_node(cfg: DictConfig) -> int:

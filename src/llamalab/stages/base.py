@@ -287,6 +287,29 @@ class LlamaStage(L.LightningModule):
         self._step_t0 = now
 
     # ------------------------------------------------------------------ checkpoints and export
+    # Frozen submodules (``pipeline.STAGES[...].frozen_attributes``: PPO's reference and reward
+    # models, DPO's reference) are reloaded from their paths on resume, so checkpoints leave them
+    # out: DeepSpeed itself (``exclude_frozen_parameters``) and the state dicts of single-process
+    # and DDP runs. Under FSDP they stay in: ``torch.distributed.checkpoint`` loads every key of
+    # the module or fails.
+    frozen: tuple[str, ...] = ()
+
+    @property
+    def strict_loading(self) -> bool:
+        """False under DeepSpeed for a stage with frozen submodules: DeepSpeed loads the module
+        state itself, strictly unless told otherwise, and the frozen weights (loaded from their
+        paths in ``configure_model``) are what its checkpoint lacks."""
+        deepspeed = (
+            self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
+        )
+        if self.frozen and deepspeed:
+            return False
+        return self._strict_loading in (None, True)
+
+    @strict_loading.setter
+    def strict_loading(self, strict_loading: bool) -> None:
+        self._strict_loading = strict_loading
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["llamalab"] = {
             "model_config": self.arch.to_dict(),
@@ -296,8 +319,17 @@ class LlamaStage(L.LightningModule):
             "tokens_seen": self.tokens_seen,
             "skipped_batches": self.skipped_batches,
         }
+        if self.frozen and module_sharding(self) != "fsdp":
+            state = checkpoint.get("state_dict", {})
+            for key in [k for k in state if k.split(".", 1)[0] in self.frozen]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.frozen:  # the frozen weights as loaded from their paths
+            state = checkpoint.setdefault("state_dict", {})
+            for name, tensor in self.state_dict().items():
+                if name.split(".", 1)[0] in self.frozen:
+                    state.setdefault(name, tensor)
         if "state_dict" in checkpoint:  # another architecture: name the tensor and both shapes
             source = self._trainer.ckpt_path if self._trainer else None
             check_state_shapes(self, checkpoint["state_dict"], str(source or "being resumed"))

@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric
 from llamalab import perf
 from llamalab.pipeline import STAGES
 from llamalab.rlhf.losses import DPO_LOSSES, dpo_loss, sequence_logprobs
-from llamalab.scale.build import Role, check_same_vocabulary, load_roles, module_sharding
+from llamalab.scale.build import Role, check_same_vocabulary, load_roles
 from llamalab.stages.base import LlamaStage
 
 FROZEN = STAGES["dpo"].frozen_attributes  # ("reference",): reloaded from stage.init, not saved
@@ -82,6 +82,8 @@ class DPOStage(LlamaStage):
             entry point: gradient accumulation and ``max_epochs``).
     """
 
+    frozen = FROZEN
+
     head = "lm"
 
     def __init__(
@@ -124,11 +126,6 @@ class DPOStage(LlamaStage):
         check_same_vocabulary({"policy": policy, "reference": models["reference"]})
         self.reference = models["reference"]
         self.model = self.wrap_model(policy)
-        if self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__:
-            # DeepSpeed saves without frozen parameters (`exclude_frozen_parameters`) and loads
-            # its module states itself, strictly unless told otherwise: the reference, loaded
-            # from init above, is the one part a resumed checkpoint lacks.
-            self.strict_loading = False
 
     # ------------------------------------------------------------------ log-probs and loss
     @staticmethod
@@ -196,20 +193,3 @@ class DPOStage(LlamaStage):
             metric.reset()
 
     # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The policy under ``model.`` (as SFT's); the frozen reference is left out (DeepSpeed
-        leaves it out itself: ``exclude_frozen_parameters``). Under FSDP it stays in:
-        ``torch.distributed.checkpoint`` loads every key of the module or fails."""
-        super().on_save_checkpoint(checkpoint)
-        if module_sharding(self) == "fsdp":
-            return
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
-            del state[key]
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.setdefault("state_dict", {})
-        for name, tensor in self.state_dict().items():  # the reference as loaded from init
-            if name.split(".", 1)[0] in FROZEN:
-                state.setdefault(name, tensor)

@@ -63,6 +63,8 @@ class PPOStage(LlamaStage):
     """Actor (``init``), frozen KL reference (``reference``; None: ``init``), critic
     (``critic_init``), frozen reward models; PPO on prompt batches (docs/interfaces.md)."""
 
+    frozen = FROZEN
+
     head = "lm"
 
     def __init__(
@@ -367,12 +369,9 @@ class PPOStage(LlamaStage):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The actor under ``actor.`` (docs/interfaces.md), the critic, the PPO state; the frozen
-        models are reloaded from their paths on resume, not saved."""
+        models are reloaded from their paths on resume (:attr:`LlamaStage.frozen`)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["llamalab"]["prefix"] = "actor."
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if k.split(".", 1)[0] in FROZEN]:
-            del state[key]
         assert self.kl_ctl is not None
         checkpoint["ppo"] = {
             "iteration": self.iteration,
@@ -383,10 +382,6 @@ class PPOStage(LlamaStage):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
-        state = checkpoint.setdefault("state_dict", {})
-        for name, tensor in self.state_dict().items():  # frozen weights as loaded from paths
-            if name.split(".", 1)[0] in FROZEN:
-                state.setdefault(name, tensor)
         saved = checkpoint.get("ppo")
         if saved is None:
             return
