@@ -219,6 +219,12 @@ class LlamaStage(L.LightningModule):
             + (f" (resume with ckpt_path={last})" if last else "")
         )
 
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over every rank (itself on one process); every rank must call."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
+
     def last_checkpoint(self) -> str | None:
         cb = self._trainer.checkpoint_callback if self._trainer is not None else None
         if not isinstance(cb, ModelCheckpoint):
