@@ -19,6 +19,25 @@ def step_tokens_scale(trainer: Any) -> int:
     return int(trainer.world_size) * int(trainer.accumulate_grad_batches)
 
 
+def token_mean_objective(
+    logits: torch.Tensor, labels: torch.Tensor, step_tokens: torch.Tensor | None, scale: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(what to backpropagate, the micro-batch's own token-mean loss to log, its labelled tokens).
+
+    Without ``step_tokens`` the objective is the micro-batch's token mean. With the labelled
+    tokens of the whole optimizer step over every rank, it is the micro-batch's summed loss /
+    ``step_tokens`` x ``scale`` (:func:`step_tokens_scale`): after Lightning's division by the
+    accumulation and the ranks' gradient averaging, the step's gradient is that of the token
+    mean of the whole global batch, however it is cut."""
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    if step_tokens is None:
+        loss = lm_loss(logits, labels)
+        return loss, loss.detach(), n_tokens
+    total = lm_loss(logits, labels, reduction="sum")
+    objective = total * scale / step_tokens.clamp_min(1)
+    return objective, total.detach() / max(n_tokens, 1), n_tokens
+
+
 class LanguageModelStage(LlamaStage):
     """Next-token loss on LM batches (``input_ids``, ``labels``, optional packing fields).
 
@@ -47,16 +66,11 @@ class LanguageModelStage(LlamaStage):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         logits = self.forward_batch(batch)
-        labels = batch["labels"]
-        n_tokens = int((labels[:, 1:] != -100).sum())
         step_tokens = self.step_token_count(batch, batch_idx)
-        if step_tokens is None:  # a micro-batch's own token mean (no StepBatches loader)
-            loss = lm_loss(logits, labels)
-            objective = loss
-        else:  # this micro-batch's share of the token mean of the whole global step
-            total = lm_loss(logits, labels, reduction="sum")
-            loss = total.detach() / max(n_tokens, 1)
-            objective = total * step_tokens_scale(self.trainer) / step_tokens.clamp_min(1)
+        scale = step_tokens_scale(self.trainer)
+        objective, loss, n_tokens = token_mean_objective(
+            logits, batch["labels"], step_tokens, scale
+        )
         if not self.check_finite(objective.detach(), "loss"):
             return None  # Lightning skips the optimizer step for this batch
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
