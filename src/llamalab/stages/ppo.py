@@ -319,6 +319,7 @@ class PPOStage(LlamaStage):
                     )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                self.check_engine_grad_norm()  # DeepSpeed: its norm of this step
         return {k: sum(v) / len(v) for k, v in totals.items()}
 
     # ------------------------------------------------------------------ held-out evaluation
