@@ -48,6 +48,7 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
     from llamalab.generation import generate
     from llamalab.scale.build import build_pretrained, full_shape
     from llamalab.scale.zero_gen import LockstepModel, consolidated, host_tensors
+    from llamalab.stages.ppo_config import actor_parameters
 
     deepspeed.init_distributed("gloo")
     cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3,
@@ -65,6 +66,8 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
             full = torch.Size(full_shape(p)).numel()
             # each rank holds ceil(numel / 2) elements (its partition), never the whole tensor
             parts[f"{role}.{name}"] = (p.ds_tensor.numel(), full, p.numel())
+    counts = {role: (actor_parameters(m), sum(p.numel() for p in m.parameters()))
+              for role, m in models.items()}  # fmt: skip
     engine, *_ = deepspeed.initialize(model=torch.nn.ModuleDict(models), config=cfg,
                                       model_parameters=[])  # fmt: skip
     actor = engine.module["actor"].eval()
@@ -86,7 +89,7 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
                     tensors=tensors)  # fmt: skip
         for _ in tensors:  # rank 1 takes part in every gather
             pass
-    torch.save({"parts": parts, "fast": fast, "slow": slow, "actor": state, "rm": rm_state,
+    torch.save({"parts": parts, "counts": counts, "fast": fast, "slow": slow, "actor": state, "rm": rm_state,
                 "out": out}, f"{out}/rank{rank}.pt")  # fmt: skip
 
 
@@ -114,6 +117,18 @@ def test_each_rank_holds_only_its_half_of_every_parameter(zero3_results: list[di
         for name, (local, full, visible) in result["parts"].items():
             assert local == -(-full // 2), name  # ceil(full / 2): a partition, not the tensor
             assert visible == 0, name  # outside a gather the parameter holds nothing
+
+
+@pytest.mark.slow
+def test_parameter_counts_are_the_true_ones_under_zero3(
+    zero3_results: list[dict], world: dict[str, str]
+) -> None:
+    """What ``kl_coef: null`` sizes beta by: the actor's true count, not the 0 a partitioned
+    parameter's ``numel()`` reads."""
+    expected = sum(p.numel() for p in load_model(world["sft"]).parameters())
+    for result in zero3_results:
+        true, naive = result["counts"]["actor"]
+        assert (true, naive) == (expected, 0)
 
 
 @pytest.mark.slow
@@ -187,9 +202,11 @@ def train(args: list[str], cache: Path, timeout: int = 600) -> None:
 
 
 def pretrain_args(out: Path, *extra: str) -> list[str]:
+    # Batches are global: one 256-token sequence per rank, on one process and on two.
+    tokens = 512 if "trainer.devices=2" in extra else 256
     return [
         "logger=none", "plan.check=false", f"paths.output_dir={out}",
-        f"paths.outputs_root={out.parent / 'outs'}", "data.batch_size=1", "stage.batch_tokens=256",
+        f"paths.outputs_root={out.parent / 'outs'}", "data.batch_size=1", f"stage.batch_tokens={tokens}",
         "trainer.limit_val_batches=0", "callbacks.model_checkpoint.every_n_train_steps=1",
         "callbacks.model_checkpoint.save_top_k=-1", "~callbacks.progress_bar", *extra,
     ]  # fmt: skip
@@ -242,6 +259,32 @@ def test_one_step_loss_matches_the_single_process_run(runs: dict[str, Path]) -> 
     single = first_loss(runs["single"])
     for name in ("zero3", "fsdp"):  # rank 0's first micro-batch is the single run's first
         assert first_loss(runs[name]) == pytest.approx(single, rel=1e-5), name
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_zero3_logs_the_gradient_norm_deepspeed_computed(runs: dict[str, Path]) -> None:
+    """ZeRO-3 keeps no ``p.grad``: the norm is DeepSpeed's own, logged at every step."""
+    with open(runs["zero3"] / "csv" / "metrics.csv", newline="") as f:
+        norms = [float(r["train/grad_norm"]) for r in csv.DictReader(f) if r.get("train/grad_norm")]
+    assert len(norms) == 2 and all(0 < n < 1e3 for n in norms), norms
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_nonfinite_gradient_stops_a_zero3_run(tmp_path: Path, cache_dir: Path) -> None:
+    """lr 1e30: the first update throws the weights to ~1e30 and the next gradient is not
+    finite. DeepSpeed skips that update on its own; the run must stop, naming the step."""
+    out = tmp_path / "nan"
+    args = pretrain_args(
+        out, *distributed("deepspeed_zero3"), "model.dim=64", "model.n_layers=2",
+        "model.n_heads=4", "stage.optim.lr=1e30", "stage.optim.warmup_steps=0",
+        "trainer.max_steps=4",
+    )  # fmt: skip
+    proc = run_train(args, cache_dir, timeout=600)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "error: non-finite gradient norm (inf) at step" in proc.stderr, proc.stderr[-3000:]
+    assert "of stage 'pretrain'. Last good checkpoint:" in proc.stderr
 
 
 @pytest.mark.integration
@@ -308,6 +351,8 @@ def test_ppo_runs_on_two_processes(
     with open(out / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert sum(1 for r in rows if r.get("train/kl")) == 2  # two iterations logged
+    # One optimizer step per iteration, each with its gradient norm (DeepSpeed's own under ZeRO-3)
+    assert sum(1 for r in rows if r.get("train/grad_norm")) == 2, strategy
 
 
 # ---------------------------------------------------------------------------- rejection sampling
@@ -325,7 +370,7 @@ def test_rejection_sampling_runs_under_zero3_on_two_processes(
         f"paths.output_dir={out}", f"paths.outputs_root={tmp_path / 'outs'}",
         f"stage.init={world['sft']}", f"stage.reward_helpful={world['rm']}",
         f"stage.reward_safety={world['rm']}", "stage.num_samples=2", "stage.max_prompts=4",
-        "stage.max_new_tokens=6", "stage.batch_size=2", "data.batch_size=2", "stage.epochs=1",
+        "stage.max_new_tokens=6", "stage.batch_size=2", "data.batch_size=1", "stage.epochs=1",
         "trainer.limit_val_batches=1", *distributed("deepspeed_zero3"),
     ]  # fmt: skip
     train(args, cache_dir)

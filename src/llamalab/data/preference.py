@@ -164,7 +164,7 @@ class PreferenceDataModule(ResumableDataModule):
         val_path: held-out pairs for a user `path`; else `val_fraction` of `path` is held out.
         tokenizer_path: the SentencePiece model (or pass `tokenizer=`).
         max_len: longest encoded prompt + response; longer pairs are dropped and counted.
-        batch_size: pairs per batch per device (the batch has 2 * batch_size rows).
+        batch_size: pairs per micro-batch per GPU (the batch has 2 * batch_size rows).
         padding_side: "right" (default) or "left".
         builtin_size: number of built-in training pairs of each kind (None = the default).
     """

@@ -79,7 +79,7 @@ class PromptDataModule(ResumableDataModule):
         val_path: held-out prompts for a user `path`; else `val_fraction` of `path` is held out.
         tokenizer_path: the SentencePiece model (or pass `tokenizer=`).
         max_prompt_len: longest encoded prompt; longer ones are dropped and counted.
-        batch_size: prompts per batch per device.
+        batch_size: prompts per batch per GPU (PPO: the runner gives rollout_batch / world size).
         builtin_size, builtin_val_size: sizes of the built-in sets (None = their defaults).
     """
 

@@ -204,6 +204,37 @@ def _trainer_batches_this_epoch(trainer: Any) -> int | None:
     return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
 
+class StepBatches:
+    """A training loader of whole optimizer steps, handed out as micro-batches.
+
+    ``loader`` yields this rank's rows of one optimizer step at a time (``step_rows`` of them);
+    each is cut into micro-batches of ``micro`` rows, and every micro-batch carries
+    ``step_tokens``: the labelled tokens (``labels[:, 1:] != ignore``) of this rank's whole step.
+    A loss that sums over tokens and divides by the step's count over all ranks (summed once per
+    step, :meth:`llamalab.stages.pretrain.LanguageModelStage.step_token_count`) is then the
+    token mean of the whole global batch, however it is cut into micro-batches and ranks.
+    Lightning sees an ordinary iterable of micro-batches: it accumulates ``step_rows / micro`` of
+    them per step, its windows line up with the steps, and the sampler (``.sampler``) counts rows
+    as before, so resuming is unchanged.
+    """
+
+    def __init__(self, loader: DataLoader, micro: int, ignore_index: int = -100) -> None:
+        self.loader, self.micro, self.ignore_index = loader, micro, ignore_index
+        self.sampler = loader.sampler
+        self.dataset = loader.dataset
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.micro)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for step in self.loader:
+            tokens = (step["labels"][:, 1:] != self.ignore_index).sum()
+            rows = step["labels"].shape[0]
+            for start in range(0, rows, self.micro):
+                part = {k: v[start : start + self.micro] for k, v in step.items()}
+                yield {**part, "step_tokens": tokens}
+
+
 class ResumableDataModule(StageDataModule):
     """What the SFT, preference and prompt datamodules share: the tokenizer, the loaders over
     in-memory `train_data` / `val_data`, and the resumable training order.
@@ -228,6 +259,29 @@ class ResumableDataModule(StageDataModule):
         self.train_data: list[Any] | None = None
         self.val_data: list[Any] = []
         self._order = TrainOrder(seed)
+        self.step_rows: int | None = None  # rows per rank per optimizer step (StepBatches)
+
+    def set_step_rows(self, rows: int) -> None:
+        """Hand out training batches as micro-batches of whole optimizer steps of ``rows`` rows
+        per rank (:class:`StepBatches`: each knows its step's token count); the runner sets it
+        for the stages whose loss is a token mean (SFT, rejection sampling)."""
+        if rows < self.batch_size or rows % self.batch_size:
+            raise ValueError(f"step rows {rows} must be a multiple of batch_size {self.batch_size}")
+        self.step_rows = rows
+
+    def step_loader(self, loader: DataLoader) -> DataLoader | StepBatches:
+        """``loader`` (micro-batches), or with :meth:`set_step_rows` the same rows in whole steps
+        cut into micro-batches that carry their step's token count."""
+        if self.step_rows is None:
+            return loader
+        steps = DataLoader(
+            loader.dataset,
+            batch_size=self.step_rows,
+            sampler=loader.sampler,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+        return StepBatches(steps, self.batch_size)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -253,11 +307,11 @@ class ResumableDataModule(StageDataModule):
         trainer = self.trainer
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | StepBatches:
         self.setup("fit")
         assert self.train_data is not None
         sampler = self._order.sampler_for(len(self.train_data), self.trainer)
-        return self._loader(self.train_data, sampler)
+        return self.step_loader(self._loader(self.train_data, sampler))
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation in a fixed order (empty list = no validation)."""

@@ -244,7 +244,7 @@ class SFTDataModule(ResumableDataModule):
             (`builtin_sft`, plus `builtin_gatt` with `gatt=True`).
         tokenizer_path: the SentencePiece model (or pass `tokenizer=`).
         seq_len: packed row length (also the default `max_len`).
-        batch_size: rows (packing) or dialogs (padding) per batch, per device.
+        batch_size: rows (packing) or dialogs (padding) per micro-batch, per GPU.
         packing: pack into fixed rows (PAPER.md §3.1) instead of padding each batch.
         val_fraction: share of records held out for validation loss and sample generations.
         seed: split, packing order and per-epoch shuffle.

@@ -11,10 +11,11 @@ the caller, once per iteration, before either is called).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
+from torch import nn
 
 from llamalab.rlhf.kl import kl_penalty
 from llamalab.rlhf.ppo import (
@@ -26,7 +27,7 @@ from llamalab.rlhf.ppo import (
 )
 from llamalab.rlhf.reward import paper_reward, sequence_rewards_to_token_rewards
 from llamalab.rlhf.reward import truncation_penalty as penalise_truncation
-from llamalab.rlhf.rollout import Rollout, Scores
+from llamalab.rlhf.rollout import Rollout, Scores, response_logits, response_values
 from llamalab.rlhf.stats import RunningMoments, explained_variance, masked_mean, whiten
 
 
@@ -139,12 +140,20 @@ def ppo_objective(
     value_clip: float,
     vf_coef: float,
     entropy_coef: float,
+    token_count: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped policy loss + vf_coef * clipped value loss - entropy_coef * entropy of a
     mini-batch, from the actor's response ``logits`` (B, R, V) and the critic's ``values``
     (B, R); plus the statistics to log. ``logits`` are those of the sampling distribution
     (:func:`llamalab.rlhf.rollout.response_logits`, divided by the rollout's temperature), as
-    the old log-probs were (issue #18); the entropy is that distribution's."""
+    the old log-probs were (issue #18); the entropy is that distribution's.
+
+    ``token_count``: None, the loss is the mean over these rows' response tokens; else each
+    term is summed over them and divided by ``token_count``: with the response tokens of the
+    whole mini-batch (all micro-batches, all ranks, divided by the world size that gradient
+    averaging divides by again), the micro-batches' gradients add up to the token mean of the
+    whole mini-batch, however it is cut (:func:`mini_batch_backward`). The logged statistics
+    stay these rows' means."""
     mask = rollout.response_mask
     logprobs = logprobs_from_logits(logits, rollout.response)
     pg_loss, pg_stats = policy_loss(
@@ -155,6 +164,8 @@ def ppo_objective(
     )
     entropy = masked_mean(entropy_from_logits(logits), mask)
     loss = pg_loss + vf_coef * vf_loss - entropy_coef * entropy
+    if token_count is not None:  # these rows' share of the whole mini-batch's token mean
+        loss = loss * (mask.sum() / token_count)
     return loss, {
         "train/policy_loss": pg_loss.detach(),
         "train/value_loss": vf_loss.detach(),
@@ -165,3 +176,37 @@ def ppo_objective(
         "train/ratio": pg_stats["ratio"],
         "train/explained_variance": explained_variance(values.detach(), experience.returns, mask),
     }
+
+
+def mini_batch_backward(
+    actor: nn.Module,
+    critic: nn.Module,
+    rollout: Rollout,
+    experience: Experience,
+    rows: torch.Tensor,
+    micro_batch: int,
+    token_count: torch.Tensor | float,
+    backward: Callable[[torch.Tensor], None],
+    keep: Callable[[torch.Tensor], bool] = lambda loss: True,
+    **loss_settings: float,
+) -> list[dict[str, torch.Tensor]]:
+    """Forward and backward of one mini-batch (this rank's ``rows`` of the rollout), in
+    micro-batches of ``micro_batch`` rows; ``token_count`` as in :func:`ppo_objective` (the
+    mini-batch's response tokens over all ranks / world size). ``keep(loss)`` False skips a
+    micro-batch's backward (the non-finite guard). Returns each micro-batch's statistics."""
+    out = []
+    for part in rows.split(micro_batch):
+        batch, targets = rollout.select(part), experience.select(part)
+        loss, stats = ppo_objective(
+            response_logits(actor, batch),  # / temperature, as the old log-probs
+            response_values(critic, batch),
+            batch,
+            targets,
+            token_count=token_count,
+            **loss_settings,  # type: ignore[arg-type]
+        )
+        if not keep(loss.detach()):
+            continue
+        backward(loss)
+        out.append(stats)
+    return out

@@ -36,6 +36,7 @@ from llamalab.runner.checkpoints import (
 from llamalab.runner.paths import export_dir, link_latest, output_dir, resolve_export_dir
 from llamalab.runner.reshard import WorldSizeChange
 from llamalab.runner.tracking import finish_previous_run, wandb_kwargs
+from llamalab.scale.batches import batch_layout
 from llamalab.scale.build import is_rank_zero
 from llamalab.scale.plan import Plan
 from llamalab.scale.plan_cfg import check_machine, plan_from_config
@@ -43,6 +44,10 @@ from llamalab.scale.strategies import build_strategy, world_size
 from llamalab.stages.base import LlamaStage
 
 log = logging.getLogger("llamalab")
+
+# Stages whose loss is a mean over answer tokens: every micro-batch of an optimizer step learns
+# how many tokens the whole step has, on every rank (llamalab.data.sampling.StepBatches).
+TOKEN_MEAN_STAGES = ("sft", "rejection_sampling")
 
 ARCH_KEYS = (
     "dim",
@@ -196,18 +201,15 @@ def build_callbacks(cfg: DictConfig) -> list[Any]:
 
 
 def accumulation(cfg: DictConfig, world: int) -> int:
-    """Micro-batches per optimizer step to reach the stage's target batch (tokens or items)."""
+    """Micro-batches per optimizer step on each rank (:func:`llamalab.scale.batches.batch_layout`:
+    the stage's batch is global, ``data.batch_size`` is the micro-batch per GPU); 1 for PPO,
+    which makes its optimizer steps itself. Sizes that do not divide stop here."""
+    layout = batch_layout(cfg, world)
     if cfg.trainer.get("accumulate_grad_batches"):
         return int(cfg.trainer.accumulate_grad_batches)
-    stage, data = cfg.stage, cfg.data
-    micro = data.get("batch_size", 1) * world
-    if stage.get("batch_tokens"):
-        target = stage.batch_tokens / (micro * data.seq_len)
-    elif stage.get("batch_size") and _lightning_accumulates(stage.name):
-        target = stage.batch_size / micro
-    else:
+    if layout is None or not _lightning_accumulates(cfg.stage.name):
         return 1
-    return max(1, round(target))
+    return layout.accumulation
 
 
 def _lightning_accumulates(stage_name: str) -> bool:
@@ -215,6 +217,15 @@ def _lightning_accumulates(stage_name: str) -> bool:
     pipeline does not declare: yes)."""
     spec = pipeline.stage(stage_name)
     return spec.lightning_accumulates if spec is not None else True
+
+
+def data_overrides(cfg: DictConfig, world: int) -> dict[str, Any]:
+    """Datamodule arguments the batch rule sets: PPO's prompts per rank per iteration
+    (``stage.rollout_batch`` / world size)."""
+    layout = batch_layout(cfg, world)
+    if layout is not None and cfg.stage.name == "ppo":
+        return {"batch_size": layout.per_rank}
+    return {}
 
 
 def validation_schedule(trainer_cfg: DictConfig, accumulate: int) -> dict[str, Any]:
@@ -262,6 +273,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     print_config(cfg)
     arch = architecture(cfg)  # impossible architectures stop here
     shard_size = export_shard_size(cfg)
+    world = world_size(cfg)
+    accumulate = accumulation(cfg, world)  # batch sizes that do not divide stop here
     L.seed_everything(cfg.seed, workers=True)
 
     inputs = stage_inputs(cfg)
@@ -280,8 +293,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_machine(plan_for(cfg, arch, inputs), cfg)
 
     tokenizer_path = tokenizer_for(cfg, resolved)
-    datamodule = instantiate(cfg.data, tokenizer_path=tokenizer_path, _convert_="all")
+    datamodule = instantiate(
+        cfg.data, tokenizer_path=tokenizer_path, **data_overrides(cfg, world), _convert_="all"
+    )
     _check_protocol("data", datamodule, StageDataModule)
+    if cfg.stage.name in TOKEN_MEAN_STAGES:  # the loss is the token mean of the whole step
+        datamodule.set_step_rows(accumulate * int(cfg.data.batch_size))
     # PretrainDataModule can build the built-in tokenizer; the others take the one of `init`.
     tokenizer = datamodule.load_tokenizer()
     check_vocab(arch, tokenizer.vocab_size, str(tokenizer.model_path))
@@ -305,7 +322,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.validate()  # bad data stops here, before the model is built
 
     strategy = build_strategy(cfg.strategy, cfg)
-    accumulate = accumulation(cfg, world_size(cfg))
     trainer_overrides: dict[str, Any] = {
         "logger": build_loggers(cfg, out),
         # another world size than the checkpoint's: optimizer state and counters carried over

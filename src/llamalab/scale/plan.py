@@ -33,9 +33,11 @@ generation engine might consolidate for fast rollouts (PAPER.md, RLHF with PPO).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from llamalab import pipeline
 from llamalab.model.config import LlamaConfig
+from llamalab.scale.batches import batch_section
 from llamalab.scale.memory import (
     GIB,
     Numerics,
@@ -200,6 +202,7 @@ def make_plan(
     inputs: dict[str, str] | None = None,
     model_name: str | None = None,
     checkpoints_kept: int = 1,
+    batch: dict[str, Any] | None = None,
 ) -> Plan:
     """The memory plan of a run, from numbers alone (no model is built, nothing is allocated).
 
@@ -207,7 +210,9 @@ def make_plan(
     reward and DPO stages, whose batches hold chosen and rejected rows); ``rollout_batch`` /
     ``rollout_len``: sequences generated at once per GPU and their prompt + response length
     (default: ``micro_batch`` and ``seq_len``; PPO and rejection sampling only);
-    ``checkpoints_kept``: periodic checkpoints kept on disk (``save_top_k``).
+    ``checkpoints_kept``: periodic checkpoints kept on disk (``save_top_k``); ``batch``: the
+    run's :class:`llamalab.scale.batches.BatchLayout` as a dict (global batch and its per-GPU
+    share), reported in ``plan.json``'s ``batch`` section with the rows of each phase.
     """
     check_strategy(strategy)
     precision = normalize_precision(precision)
@@ -264,6 +269,8 @@ def make_plan(
         checkpoints_kept=checkpoints_kept,
         checkpoint_disk_bytes=(checkpoints_kept + 1) * ckpt,
         notes=_notes(config, strategy, precision, stage, seq_len),
+        batch=batch_section(batch, stage, micro_batch, seq_len, rollout_batch, rollout_len),
+        peak_bytes_per_gpu=total,
     )
     plan.reason = _reason(plan, config, specs)
     return plan

@@ -10,22 +10,29 @@ from omegaconf import DictConfig
 
 from llamalab import pipeline
 from llamalab.model import LlamaConfig
+from llamalab.scale.batches import batch_layout
 from llamalab.scale.plan import Plan, PlanError, make_plan
 from llamalab.scale.strategies import devices_per_node, num_nodes, world_size
 
 
 def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str]) -> Plan:
+    """The plan of a composed config, with the rows each phase really runs per GPU
+    (:func:`llamalab.scale.batches.batch_layout`): the micro-batch of a forward/backward, and
+    for PPO and rejection sampling the rows of one generate() call and of one scoring forward."""
     stage = cfg.stage
     world = world_size(cfg)
-    micro_batch = int(cfg.data.get("batch_size", 1))
-    rollout_batch = micro_batch
+    layout = batch_layout(cfg, world)
+    micro_batch = layout.micro_batch if layout is not None else int(cfg.data.get("batch_size", 1))
     seq_len = int(cfg.data.get("seq_len") or cfg.data.get("max_len") or arch.max_seq_len)
+    rollout_batch, rollout_len = micro_batch, seq_len
     if stage.name in ("ppo", "rejection_sampling"):
-        seq_len = int(cfg.data.get("max_prompt_len", 128)) + int(stage.max_new_tokens)
-        # The prompts of one iteration, and PPO's mini-batches, are spread over the GPUs.
-        rollout_batch = max(1, int(cfg.data.get("batch_size", 1)) // world)
-        if stage.name == "ppo":
-            micro_batch = max(1, int(stage.mini_batch) // world)
+        rollout_len = int(cfg.data.get("max_prompt_len", 128)) + int(stage.max_new_tokens)
+        # Rejection sampling: K answers of generation_batch // K prompts per generate() call.
+        k = int(stage.get("num_samples", 1))
+        rollout_batch = max(1, int(stage.generation_batch) // k) * k
+        if layout is not None and stage.name == "ppo":
+            rollout_batch = layout.generation_rows  # this GPU's prompts, at most generation_batch
+            seq_len = rollout_len  # PPO trains on the rollout itself
     return make_plan(
         arch,
         stage=stage.name,
@@ -38,10 +45,11 @@ def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str])
         activation_checkpointing=bool(stage.get("activation_checkpointing", False)),
         gpu_memory_gb=float(cfg.plan.get("gpu_memory_gb", 80)),
         rollout_batch=rollout_batch,
-        rollout_len=seq_len,
+        rollout_len=rollout_len,
         inputs=plan_roles(stage.name, inputs, cfg.paths.outputs_root),
         model_name=str(cfg.model.name),
         checkpoints_kept=checkpoints_kept(cfg),
+        batch=layout.to_dict() if layout is not None else None,
     )
 
 

@@ -66,6 +66,9 @@ class Plan:
     checkpoints_kept: int = 0
     checkpoint_disk_bytes: int = 0
     notes: list[str] = field(default_factory=list)
+    # The batch rule's figures (llamalab.scale.plan.batch_section) and the verdict's peak.
+    batch: dict[str, Any] = field(default_factory=dict)
+    peak_bytes_per_gpu: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +104,26 @@ def format_gib(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.2f}"
 
 
+def _batch_lines(batch: dict[str, Any]) -> list[str]:
+    """The batch rule in one line: global batch -> per GPU -> micro-batches (PPO: mini-batches)."""
+    if not batch.get("global_batch"):
+        return []
+    unit, per_rank = batch["unit"], batch["per_rank"]
+    line = (
+        f"  batch: {batch['global_batch']} {unit} global = {per_rank} per GPU x "
+        f"{batch['world']} GPUs"
+    )
+    if batch.get("mini_batch"):
+        line += (
+            f"; mini-batch {batch['mini_batch']} global = {batch['mini_per_rank']} per GPU "
+            f"({batch['mini_batches']} optimizer steps per epoch), micro-batch "
+            f"{batch['micro_batch']} x {batch['accumulation']}"
+        )
+    else:
+        line += f" = micro-batch {batch['micro_batch']} x {batch['accumulation']} accumulated"
+    return [line]
+
+
 def _render_lines(plan: Plan) -> list[str]:
     cfg = plan.config
     kv = cfg["n_kv_heads"] or cfg["n_heads"]
@@ -113,6 +136,7 @@ def _render_lines(plan: Plan) -> list[str]:
         f"{kv} KV heads, vocab {cfg['vocab_size']}",
         f"  per GPU: micro-batch {plan.micro_batch} x {plan.seq_len} tokens, activation "
         f"checkpointing {ckpt}; rollouts {plan.rollout_batch} x {plan.rollout_len} tokens",
+        *_batch_lines(plan.batch),
         "",
         f"  {'role':<15} {'head':<6} {'trained':<7} {'parameters':>17} {'GPU GiB':>8} "
         f"{'CPU GiB/node':>12}  loads",

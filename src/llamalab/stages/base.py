@@ -99,6 +99,7 @@ class LlamaStage(L.LightningModule):
         self._step_t0: float | None = None
         self._peak_flops: float | None = None
         self.tokens_seen = 0
+        self._norm_step = 0  # the optimizer step whose DeepSpeed gradient norm was checked
 
     @property
     def datamodule(self) -> StageDataModule | None:
@@ -219,6 +220,12 @@ class LlamaStage(L.LightningModule):
             + (f" (resume with ckpt_path={last})" if last else "")
         )
 
+    def global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over every rank (itself on one process); every rank must call."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return value
+        return self.trainer.strategy.reduce(value, reduce_op="sum")
+
     def last_checkpoint(self) -> str | None:
         cb = self._trainer.checkpoint_callback if self._trainer is not None else None
         if not isinstance(cb, ModelCheckpoint):
@@ -226,7 +233,11 @@ class LlamaStage(L.LightningModule):
         return cb.last_model_path or cb.best_model_path or None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the gradient norm (before clipping) and refuse a non-finite one."""
+        """Log the gradient norm (before clipping) and refuse a non-finite one. Under DeepSpeed
+        the gradients live in its partitions (``p.grad`` is None under ZeRO-3): its own norm is
+        read after its step instead (:meth:`check_engine_grad_norm`)."""
+        if self.deepspeed_engine() is not None:
+            return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
         if not grads:
             return
@@ -237,6 +248,31 @@ class LlamaStage(L.LightningModule):
         if not self.check_finite(norm, "gradient norm"):
             for p in self.parameters():  # AdamW leaves gradient-less parameters untouched
                 p.grad = None  # (no momentum, no weight decay): a true skip, not a zero step
+
+    def deepspeed_engine(self) -> Any:
+        """The DeepSpeed engine training this module, or None under any other strategy."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.strategy, "deepspeed_engine", None)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.check_engine_grad_norm()
+
+    def check_engine_grad_norm(self) -> None:
+        """Under DeepSpeed, after each optimizer step: the global gradient norm its step computed
+        over every partition (``engine.get_global_grad_norm()``), logged as ``train/grad_norm``.
+        A non-finite norm stops the run (``nonfinite=stop``) or is counted as skipped: DeepSpeed
+        has already left the weights alone for that step."""
+        engine = self.deepspeed_engine()
+        if engine is None or self.global_step == self._norm_step:
+            return
+        self._norm_step = self.global_step
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            return
+        norm = torch.as_tensor(float(norm))
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self.check_finite(norm, "gradient norm")
 
     def peak_flops(self) -> float | None:
         if self._peak_flops is None:

@@ -12,7 +12,6 @@ share one AdamW with two parameter groups, as DeepSpeed allows one optimizer onl
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, fields
 from typing import Any
@@ -30,19 +29,20 @@ from llamalab.rlhf.experience import (
     Experience,
     experience_stats,
     make_experience,
-    ppo_objective,
+    mini_batch_backward,
 )
 from llamalab.rlhf.rollout import (
     Rollout,
     Scores,
     build_rollout,
     in_chunks,
-    response_logits,
     response_logprobs,
     response_values,
     score_rollout,
 )
+from llamalab.scale.batches import BatchLayout
 from llamalab.scale.build import Role, check_same_vocabulary, load_roles
+from llamalab.stages import ppo_config
 from llamalab.stages.base import LlamaStage
 from llamalab.stages.policy_eval import (
     EVAL_COLUMNS,
@@ -52,7 +52,7 @@ from llamalab.stages.policy_eval import (
     finish_evaluation,
     rollout_table,
 )
-from llamalab.stages.ppo_config import PPOConfig, derive_seed, kl_controller, trainer_overrides
+from llamalab.stages.ppo_config import PPOConfig, actor_parameters, derive_seed, kl_controller
 from llamalab.tokenizer import Tokenizer
 
 FROZEN = STAGES["ppo"].frozen_attributes  # submodules left out of checkpoints
@@ -133,7 +133,7 @@ class PPOStage(LlamaStage):
         self.rm_safety = models["rm_safety"]  # type: ignore[assignment]
         self.actor = self.wrap_model(actor)  # type: ignore[assignment]
         self.critic = self.wrap_model(models["critic"])  # type: ignore[assignment]
-        self.kl_ctl = kl_controller(self.cfg, sum(p.numel() for p in actor.parameters()))
+        self.kl_ctl = kl_controller(self.cfg, actor_parameters(actor))
 
     def export_model(self) -> nn.Module:
         assert self.actor is not None
@@ -167,7 +167,7 @@ class PPOStage(LlamaStage):
 
     def trainer_overrides(self, trainer_cfg: Any) -> dict[str, Any]:
         """Trainer settings the PPO loop needs (called by ``llamalab.runner.run.train``)."""
-        return trainer_overrides(self.cfg, trainer_cfg)
+        return ppo_config.trainer_overrides(self.cfg, trainer_cfg)
 
     # ------------------------------------------------------------------ one iteration
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -232,7 +232,7 @@ class PPOStage(LlamaStage):
                 top_p=None,  # PPOConfig.check_sampling: the full distribution only
                 eos_id=tok.eos_id,
                 pad_id=tok.pad_id,
-                chunk_size=self.cfg.generation_batch,
+                chunk_size=self.batch_layout().generation_rows,
                 seed=derive_seed(self.seed, self.iteration, rank),
             )
         return build_rollout(prompts, generated, tok.pad_id, self.device, temperature)
@@ -244,7 +244,7 @@ class PPOStage(LlamaStage):
             self.rm_safety,
             rollout,
             is_safety,
-            self.cfg.mini_batch,
+            self.batch_layout().generation_rows,
             self.cfg.safety_threshold,
         )
 
@@ -257,7 +257,7 @@ class PPOStage(LlamaStage):
         actor, reference, critic = self.actor, self.reference, self.critic
         assert actor is not None and reference is not None and critic is not None
         assert self.kl_ctl is not None
-        cfg, chunk = self.cfg, self.cfg.mini_batch
+        cfg, chunk = self.cfg, self.batch_layout().generation_rows  # rows per no-grad forward
         # Both at the rollout's temperature (response_logits): the sampling distribution, and the
         # reference scaled alike so the KL compares like with like (issue #18).
         old_logprobs = in_chunks(lambda r: response_logprobs(actor, r), rollout, chunk)
@@ -283,32 +283,33 @@ class PPOStage(LlamaStage):
         stats = experience_stats(rollout, scores, terms, experience, self.kl_ctl.value, moments)
         return experience, stats
 
+    def batch_layout(self) -> BatchLayout:
+        """This run's rows per rank (:meth:`PPOConfig.layout`)."""
+        return self.cfg.layout(self.trainer.world_size if self._trainer is not None else 1)
+
     def ppo_update(self, rollout: Rollout, experience: Experience) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled mini-batches, one optimizer step each."""
+        """``ppo_epochs`` passes over shuffled mini-batches, one optimizer step each. Each
+        mini-batch's loss is the token mean over all its rows on every rank (its token count
+        summed once over the ranks), so the gradient does not depend on the micro-batch."""
         actor, critic, cfg = self.actor, self.critic, self.cfg
         assert actor is not None and critic is not None
         optimizer = self.optimizers()
         assert not isinstance(optimizer, list), "PPO uses one optimizer (actor + critic groups)"
-        n_rows = len(rollout)
-        n_mini = max(1, math.ceil(n_rows / cfg.mini_batch))
-        micro = cfg.micro_batch or cfg.mini_batch
+        layout = self.batch_layout()
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.iteration) + 1)
         totals: dict[str, list[float]] = {}
+        mask = rollout.response_mask
         for _ in range(cfg.ppo_epochs):
-            order = torch.randperm(n_rows, generator=generator).to(rollout.input_ids.device)
-            for rows in order.tensor_split(n_mini):
-                for part in rows.split(micro):
-                    batch, targets = rollout.select(part), experience.select(part)
-                    loss, stats = ppo_objective(
-                        response_logits(actor, batch),  # / temperature, as the old log-probs
-                        response_values(critic, batch),
-                        batch,
-                        targets,
-                        **cfg.loss_settings(),
-                    )
-                    if not self.check_finite(loss.detach(), "PPO loss"):
-                        continue
-                    self.manual_backward(loss * (len(part) / len(rows)))
+            order = torch.randperm(len(rollout), generator=generator).to(mask.device)
+            for rows in order.tensor_split(layout.mini_batches):
+                tokens = self.global_sum(mask[rows].sum().float()).clamp_min(1)
+                parts = mini_batch_backward(
+                    actor, critic, rollout, experience, rows, layout.micro_batch,
+                    tokens / layout.world,  # the ranks' gradients are averaged
+                    self.manual_backward, lambda loss: self.check_finite(loss, "PPO loss"),
+                    **cfg.loss_settings(),
+                )  # fmt: skip
+                for stats in parts:
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(float(value))
                 grad_clip = self.optim_cfg.get("grad_clip")
@@ -320,6 +321,7 @@ class PPOStage(LlamaStage):
                     )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                self.check_engine_grad_norm()  # DeepSpeed: its norm of this step
         return {k: sum(v) / len(v) for k, v in totals.items()}
 
     # ------------------------------------------------------------------ held-out evaluation

@@ -6,8 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from llamalab.model.config import ConfigError
 from llamalab.rlhf import AdaptiveKLController, FixedKLController, default_kl_coef
+from llamalab.scale.batches import BatchLayout, ppo_layout
+from llamalab.scale.build import full_numel
 
 
 @dataclass
@@ -15,11 +19,11 @@ class PPOConfig:
     """PPO settings (defaults: PAPER.md §3.2.3 and the common practice it notes)."""
 
     iterations: int = 400
-    rollout_batch: int = 512  # prompts per iteration (per device)
-    mini_batch: int = 64  # rows per optimizer step
-    micro_batch: int | None = None  # rows per forward/backward inside a mini-batch (None = all)
+    rollout_batch: int = 512  # prompts per iteration, all ranks together
+    mini_batch: int = 64  # rows per optimizer step, all ranks together
+    micro_batch: int | None = None  # rows per GPU per forward/backward (None = its whole share)
     ppo_epochs: int = 1
-    generation_batch: int = 64  # prompts per generate() call (bounds the KV cache)
+    generation_batch: int = 64  # most prompts per GPU per generate() call (bounds the KV cache)
     max_new_tokens: int = 512
     temperature: float = 1.0  # > 0; log-probs and KL read logits / temperature (issue #18)
     top_p: float = 1.0  # must stay 1.0: nucleus sampling would make PPO off-policy (issue #18)
@@ -85,6 +89,14 @@ class PPOConfig:
         """The keyword arguments of :func:`llamalab.rlhf.experience.ppo_objective` set here."""
         return {k: getattr(self, k) for k in ("clip", "value_clip", "vf_coef", "entropy_coef")}
 
+    def layout(self, world: int) -> BatchLayout:
+        """Rows per rank on ``world`` ranks (:func:`llamalab.scale.batches.ppo_layout`: rollout
+        and mini-batch sizes are global, the micro-batch is per GPU); ConfigError when the
+        sizes do not divide."""
+        return ppo_layout(
+            self.rollout_batch, self.mini_batch, self.micro_batch, world, self.generation_batch
+        )
+
     @property
     def steps_per_iteration(self) -> int:
         """Optimizer steps per iteration: one per mini-batch, per PPO epoch."""
@@ -94,6 +106,12 @@ class PPOConfig:
 def derive_seed(seed: int, iteration: int, rank: int = 0) -> int:
     """A sampling seed for (run seed, iteration, rank): a resumed run draws the same tokens."""
     return (seed * 1_000_003 + iteration * 7_919 * 64 + rank * 104_729) % (2**31 - 1)
+
+
+def actor_parameters(model: nn.Module) -> int:
+    """The model's true parameter count, also when ZeRO-3 has partitioned it (``ds_numel``;
+    a partitioned tensor's own ``numel()`` is 0) or FSDP2 sharded it (a DTensor counts whole)."""
+    return sum(full_numel(p) for p in model.parameters())
 
 
 def kl_controller(cfg: PPOConfig, n_params: int) -> FixedKLController | AdaptiveKLController:

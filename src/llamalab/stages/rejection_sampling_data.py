@@ -16,6 +16,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from llamalab.data.prompts import PromptDataModule
+from llamalab.data.sampling import StepBatches
 from llamalab.data.sft import encode_sft_records, pack_examples, pad_batch, stack_rows
 
 
@@ -25,7 +26,8 @@ class RejectionSamplingDataModule(PromptDataModule):
     Args (beyond ``PromptDataModule``'s):
         seq_len: packed row length of the SFT batches (also the longest kept dialog).
         packing: pack dialogs into rows (PAPER.md §3.1) instead of padding each batch.
-        batch_size: SFT micro-batch (rows) per device, and held-out prompts per eval batch.
+        batch_size: SFT micro-batch (rows per GPU per forward/backward), and held-out prompts
+            per GPU per eval batch.
     """
 
     def __init__(self, *args: Any, seq_len: int = 512, packing: bool = True, **kwargs: Any) -> None:
@@ -52,7 +54,7 @@ class RejectionSamplingDataModule(PromptDataModule):
         )
         return {"dialogs": stats.examples, "dropped": stats.dropped, "rows": len(self.sft_items)}
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | StepBatches:
         if self.sft_items is None:
             raise RuntimeError(
                 "the rejection-sampling stage must choose its answers (set_dialogs) before "
@@ -64,10 +66,11 @@ class RejectionSamplingDataModule(PromptDataModule):
             if self.packing
             else functools.partial(pad_batch, pad_id=self.tokenizer.pad_id)
         )
-        return DataLoader(
+        loader = DataLoader(
             self.sft_items,  # type: ignore[arg-type]
             batch_size=self.batch_size,
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
         )
+        return self.step_loader(loader)
