@@ -13,12 +13,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import run_train
+from helpers import compose_config, run_train
 from safetensors.torch import load_file
 
 from llamalab.generation import generate, sample_responses
-from llamalab.model import Llama, LlamaConfig
-from llamalab.scale.plan_gen import generation_plan, tp_copy_bytes
+from llamalab.model import KVCache, Llama, LlamaConfig
+from llamalab.runner.run import architecture
+from llamalab.scale.memory import PlanError
+from llamalab.scale.plan_cfg import plan_from_config
+from llamalab.scale.plan_gen import check_engine, generation_plan, tp_copy_bytes
 from llamalab.scale.rollout_engine import RolloutEngine, resolve_engine
 from llamalab.scale.tensor_parallel import TPError, build_tp_copy, check_tp, resident_bytes
 
@@ -52,6 +55,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     eos = ref.tokens[0][2]  # row 0 stops at its third token: rows end at different steps
     result = {
         "bytes": resident_bytes(copy),
+        "kv": KVCache.allocate(copy.config, 4, 16).k.nbytes * 2,  # type: ignore[arg-type]
         "greedy": generate(copy, PROMPTS, NEW, temperature=0.0, eos_id=eos),
         "sampled": generate(copy, PROMPTS, NEW, temperature=1.0, eos_id=eos, seed=3),
         "eos": eos,
@@ -121,8 +125,40 @@ def test_tp_copy_bytes_per_rank_equal_the_plan(tp_results: list[dict]) -> None:
         assert result["bytes"] < whole  # blocks and head split, embedding whole
     plan = generation_plan(CONFIG, 4, 2, 1, "tensor_parallel", 2, 2, 64, 16, 10**9)
     assert plan["weights_bytes_per_gpu"] == tp_results[0]["bytes"]
-    # KV cache: the group's 4 rows x 16 tokens, this rank's 1 of 2 KV heads
+    # KV cache: the group's 4 rows x 16 tokens, this rank's 1 of 2 KV heads, as generate
+    # allocates it from the copy's config
+    assert plan["kv_cache_bytes_per_gpu"] == tp_results[0]["kv"]
     assert plan["kv_cache_bytes_per_gpu"] == 4 * 16 * CONFIG.kv_cache_bytes_per_token(4) // 2
+
+
+def test_70b_ppo_plans_the_tp_engine_and_refuses_gather(tmp_path: Path) -> None:
+    """`model=70b stage=ppo dry_run=true`: TP 8 inside each node of 8, 1/8 of the bf16 blocks
+    per GPU (about 17 GB), and a verdict that counts the rollout phase; `gather` is refused with
+    the engine that fits named."""
+    cfg = compose_config(["model=70b", "stage=ppo", "dry_run=true"], tmp_path)
+    plan = plan_from_config(cfg, architecture(cfg), {})
+    gen = plan.generation
+    assert gen is not None and gen["engine"] == "tensor_parallel" and gen["tp_size"] == 8
+    arch = architecture(cfg)
+    assert gen["weights_bytes_per_gpu"] == tp_copy_bytes(arch, 8, 2)
+    assert 16e9 < gen["weights_bytes_per_gpu"] < 18e9
+    assert gen["kv_cache_bytes_per_gpu"] > 0
+    speed = gen["seconds_per_token"]
+    assert speed["tensor_parallel"] < speed["gather"] < speed["layerwise"]
+    json_keys = plan.to_dict()["generation"]
+    assert {"engine", "tp_size", "weights_bytes_per_gpu", "kv_cache_bytes_per_gpu"} <= set(
+        json_keys
+    )
+    assert (
+        plan.phase_bytes["rollout"] > gen["weights_bytes_per_gpu"] + gen["kv_cache_bytes_per_gpu"]
+    )
+    assert plan.fits, plan.reason
+    check_engine(gen)  # fits: no error
+    cfg = compose_config(["model=70b", "stage=ppo", "stage.rollout_engine=gather"], tmp_path)
+    plan = plan_from_config(cfg, architecture(cfg), {})
+    assert not plan.fits and "stage.rollout_engine=tensor_parallel" in plan.reason
+    with pytest.raises(PlanError, match=r"the engine that fits: stage\.rollout_engine=tensor_par"):
+        check_engine(plan.generation)
 
 
 def test_refusals_and_old_spelling() -> None:

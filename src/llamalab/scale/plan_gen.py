@@ -27,12 +27,40 @@ runtime applies the same rule to the memory it finds free on the device.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from llamalab.model.config import LlamaConfig
+from llamalab.scale.memory import PlanError
 
 ENGINES = ("auto", "gather", "layerwise", "tensor_parallel")
+OLD_SPELLING = {"auto": "auto", "always": "gather", "never": "layerwise"}
+
+
+def resolve_engine(engine: str, gather_for_generation: str | None = None) -> str:
+    """The engine from ``rollout_engine``, or from the old ``gather_for_generation`` when set
+    (with a deprecation warning); a clear error for an unknown name."""
+    if gather_for_generation is not None:
+        if gather_for_generation not in OLD_SPELLING:
+            raise ValueError(
+                f"stage.gather_for_generation must be one of {tuple(OLD_SPELLING)}, got "
+                f"{gather_for_generation!r} (it is the old spelling of stage.rollout_engine)"
+            )
+        new = OLD_SPELLING[gather_for_generation]
+        warnings.warn(
+            f"stage.gather_for_generation={gather_for_generation} is deprecated: use "
+            f"stage.rollout_engine={new}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        if engine == "auto":
+            engine = new
+    if engine not in ENGINES:
+        raise ValueError(f"stage.rollout_engine must be one of {ENGINES}, got {engine!r}")
+    return engine
+
+
 COPY_FRACTION = 0.5  # a copy is taken only when it needs at most this share of the free memory
 
 # Bytes per second per GPU (one direction), and one small collective's latency. Sources:
@@ -142,7 +170,7 @@ def generation_plan(
     """The generation section of ``plan.json`` (``free_bytes``: the GPU's memory left beside
     the model states, which ``auto`` and the verdict weigh the copy against)."""
     if engine not in ENGINES:
-        raise ValueError(f"stage.rollout_engine must be one of {ENGINES}, got {engine!r}")
+        raise PlanError(f"stage.rollout_engine must be one of {ENGINES}, got {engine!r}")
     world = devices * num_nodes
     tp = int(tp_size or devices)
     divides = tp_divides(config, tp, world)
@@ -165,7 +193,7 @@ def generation_plan(
     split = costs["tensor_parallel"].weights_bytes_per_gpu if divides else None
     chosen = pick_engine(whole, split, free_bytes) if engine == "auto" else engine
     if chosen not in costs:
-        raise ValueError(
+        raise PlanError(
             f"stage.rollout_tp_size={tp} cannot split this model on {world} GPUs (heads "
             f"{config.n_heads}, KV heads {config.kv_heads}, FFN {config.hidden_dim} must divide)"
         )
@@ -188,6 +216,7 @@ def generation_plan(
         "weights_bytes_by_engine": {k: c.weights_bytes_per_gpu for k, c in costs.items()},
         "kv_cache_bytes_by_engine": {k: c.kv_cache_bytes_per_gpu for k, c in costs.items()},
         "engines_that_fit": fitting,
+        "tp_size_possible": tp,
         "bandwidths": dict(BANDWIDTHS),
     }
 
@@ -208,3 +237,31 @@ def render_generation(gen: dict[str, Any], gib: float) -> list[str]:
         f"{bw['collective_latency_s'] * 1e6:.0f} us per collective)",
         f"  engines that fit          {', '.join(gen['engines_that_fit']) or 'none'}",
     ]
+
+
+def engine_advice(gen: dict[str, Any]) -> str:
+    """Why the chosen engine does not fit, naming the one that does (empty when it fits)."""
+    if gen["engine"] in gen["engines_that_fit"]:
+        return ""
+    fitting = [e for e in gen["engines_that_fit"] if e != gen["engine"]]
+    need = gen["weights_bytes_per_gpu"] + gen["kv_cache_bytes_per_gpu"]
+    advice = (
+        f"stage.rollout_engine={gen['engine']} needs {need / 2**30:.2f} GiB per GPU for its "
+        "inference copy and KV cache beside the model states"
+    )
+    if fitting:
+        best = fitting[0]
+        cost = gen["weights_bytes_by_engine"][best] + gen["kv_cache_bytes_by_engine"][best]
+        tp = (
+            f" stage.rollout_tp_size={gen['tp_size_possible']}" if best == "tensor_parallel" else ""
+        )
+        advice += (
+            f"; the engine that fits: stage.rollout_engine={best}{tp} ({cost / 2**30:.2f} GiB)"
+        )
+    return advice
+
+
+def check_engine(gen: dict[str, Any] | None) -> None:
+    """Stop a launch whose rollout engine cannot fit, naming the engine that does."""
+    if gen is not None and gen["engine"] not in gen["engines_that_fit"]:
+        raise PlanError(engine_advice(gen))

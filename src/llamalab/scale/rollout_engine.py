@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +34,7 @@ from torch import nn
 
 from llamalab.generation import GenerationOutput, sample_responses
 from llamalab.scale.build import sharding_mode
-from llamalab.scale.plan_gen import ENGINES, pick_engine, tp_copy_bytes
+from llamalab.scale.plan_gen import ENGINES, pick_engine, resolve_engine, tp_copy_bytes
 from llamalab.scale.tensor_parallel import (
     TPLlama,
     build_tp_copy,
@@ -52,30 +51,7 @@ from llamalab.scale.zero_gen import (
 )
 
 log = logging.getLogger("llamalab")
-OLD_SPELLING = {"auto": "auto", "always": "gather", "never": "layerwise"}
-
-
-def resolve_engine(engine: str, gather_for_generation: str | None = None) -> str:
-    """The engine from ``rollout_engine``, or from the old ``gather_for_generation`` when set
-    (with a deprecation warning); a clear error for an unknown name."""
-    if gather_for_generation is not None:
-        if gather_for_generation not in OLD_SPELLING:
-            raise ValueError(
-                f"stage.gather_for_generation must be one of {tuple(OLD_SPELLING)}, got "
-                f"{gather_for_generation!r} (it is the old spelling of stage.rollout_engine)"
-            )
-        new = OLD_SPELLING[gather_for_generation]
-        warnings.warn(
-            f"stage.gather_for_generation={gather_for_generation} is deprecated: use "
-            f"stage.rollout_engine={new}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if engine == "auto":
-            engine = new
-    if engine not in ENGINES:
-        raise ValueError(f"stage.rollout_engine must be one of {ENGINES}, got {engine!r}")
-    return engine
+__all__ = ["ENGINES", "RolloutEngine", "resolve_engine", "stage_rollout"]
 
 
 def _world() -> tuple[int, int]:
