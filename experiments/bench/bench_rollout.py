@@ -42,6 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="timed rollouts per engine (median)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rollouts per engine first")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--port", type=int, default=29531)
     return p.parse_args()
@@ -85,7 +86,7 @@ def worker(rank: int, args: argparse.Namespace) -> None:
         for name in ENGINES:
             engine = RolloutEngine(name, tp_size=args.world)
             times = []
-            for _ in range(args.repeats + 1):  # the first is a warm-up
+            for _ in range(args.warmup + args.repeats):
                 version += 1
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
@@ -97,7 +98,8 @@ def worker(rank: int, args: argparse.Namespace) -> None:
                 torch.distributed.barrier()
                 times.append(time.perf_counter() - t0)
             outputs[name] = out.tokens
-            median = sorted(times[1:])[len(times[1:]) // 2]
+            timed = sorted(times[args.warmup :])
+            median = timed[len(timed) // 2]
             cost = engine_cost(name, config, 4, args.world, args.world, 1, args.batch,
                                64, args.prompt_len + args.new_tokens)  # fmt: skip
             tokens = args.world * args.batch * args.new_tokens
