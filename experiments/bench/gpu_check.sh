@@ -25,4 +25,6 @@ out="${OUT:-.}/gpu_check.txt"
   echo "== greedy generation, 64 new tokens after a 32-token prompt"
   "$PY" "$here/bench_generate.py" --sizes "$SIZE" --batches 1,16,64 --dtype "$DTYPE" \
     --device "$DEVICE" --repeats 3 --compile
+  echo "== tensor-parallel rollout engine, TP 1 on one device: equals plain generation"
+  "$PY" "$here/tp_check.py" --size "${TP_SIZE:-small}" --device "$DEVICE" --dtype "$DTYPE"
 } 2>&1 | tee "$out"

@@ -40,6 +40,7 @@ from llamalab.scale.batches import batch_layout
 from llamalab.scale.build import is_rank_zero
 from llamalab.scale.plan import Plan
 from llamalab.scale.plan_cfg import check_machine, plan_from_config
+from llamalab.scale.plan_gen import check_engine
 from llamalab.scale.strategies import build_strategy, world_size
 from llamalab.stages.base import LlamaStage
 
@@ -284,6 +285,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plan.write_json(out / "plan.json")
         return {"plan": plan.to_dict()}
 
+    if cfg.plan.get("check", True):  # a rollout engine that cannot fit stops before anything
+        check_engine(plan_for(cfg, arch, inputs).generation)
     resolved = check_inputs(cfg)
     init = resolved.get("init")
     if init is not None:

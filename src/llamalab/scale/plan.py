@@ -25,9 +25,10 @@ Disk per training checkpoint: the trained models' weights and AdamW states
 (``checkpoint_bytes_per_param``; frozen models are reloaded from their paths, not saved), and
 the disk the kept checkpoints need while the next one is written (a save is committed before
 the oldest is removed).
+PPO's rollout phase is its generation engine's (:mod:`llamalab.scale.plan_gen`): the inference
+copy (whole, tensor-parallel slice, or none), the KV cache of one generate call and one forward.
 Not counted: the CUDA context and NCCL buffers (about 0.5-1 GiB), allocator fragmentation, the
-temporaries of backward itself (gradients of one block's activations), and a policy copy that a
-generation engine might consolidate for fast rollouts (PAPER.md, RLHF with PPO).
+temporaries of backward itself (gradients of one block's activations).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from llamalab.scale.memory import (
     normalize_precision,
     numerics,
 )
+from llamalab.scale.plan_gen import engine_advice, generation_plan
 from llamalab.scale.plan_report import ModelRow, Plan, format_gib
 
 STAGES = tuple(pipeline.STAGES)
@@ -203,6 +205,10 @@ def make_plan(
     model_name: str | None = None,
     checkpoints_kept: int = 1,
     batch: dict[str, Any] | None = None,
+    rollout_engine: str = "auto",
+    rollout_tp_size: int | None = None,
+    generation_batch: int | None = None,
+    prompt_len: int | None = None,
 ) -> Plan:
     """The memory plan of a run, from numbers alone (no model is built, nothing is allocated).
 
@@ -213,6 +219,10 @@ def make_plan(
     ``checkpoints_kept``: periodic checkpoints kept on disk (``save_top_k``); ``batch``: the
     run's :class:`llamalab.scale.batches.BatchLayout` as a dict (global batch and its per-GPU
     share), reported in ``plan.json``'s ``batch`` section with the rows of each phase.
+    PPO's
+    ``rollout_engine`` / ``rollout_tp_size`` / ``generation_batch`` (prompts per generate call)
+    set its generation section (:mod:`llamalab.scale.plan_gen`); ``prompt_len``: the longest
+    prompt, the prefill's length (default: ``rollout_len``).
     """
     check_strategy(strategy)
     precision = normalize_precision(precision)
@@ -234,6 +244,17 @@ def make_plan(
         (rollout_batch, rollout_len) if generates else None,
     )  # fmt: skip
     states = sum(row.gpu_bytes for row in rows)
+    generation = None
+    if stage == "ppo":  # the rollout phase: the engine's inference copy and its KV cache
+        generation = generation_plan(
+            config, num.compute_bytes, devices, num_nodes, rollout_engine, rollout_tp_size,
+            rollout_batch, generation_batch or rollout_batch, rollout_len,
+            int(gpu_memory_gb * GIB) - states,
+        )  # fmt: skip
+        prefill = min(prompt_len or rollout_len, rollout_len)  # the longest forward of a call
+        forward = activation_breakdown(config, generation["rows_per_call"], prefill, num)
+        figures["kv"] = generation["kv_cache_bytes_per_gpu"]
+        phases["rollout"] = generation["weights_bytes_per_gpu"] + figures["kv"] + forward.inference
     ckpt, ckpt_per_gpu = _checkpoint_bytes(rows, strategy, precision, devices * num_nodes)
     peak_phase = max(phases, key=lambda k: phases[k])
     total = states + phases[peak_phase]
@@ -271,6 +292,7 @@ def make_plan(
         notes=_notes(config, strategy, precision, stage, seq_len),
         batch=batch_section(batch, stage, micro_batch, seq_len, rollout_batch, rollout_len),
         peak_bytes_per_gpu=total,
+        generation=generation,
     )
     plan.reason = _reason(plan, config, specs)
     return plan
@@ -341,6 +363,8 @@ def _reason(plan: Plan, config: LlamaConfig, specs: tuple[ModelSpec, ...]) -> st
             "activation_checkpointing=true cuts train activations to "
             f"{format_gib(plan.activation_bytes_checkpointed)} GiB"
         )
+    if plan.generation is not None and engine_advice(plan.generation):
+        hints.append(engine_advice(plan.generation))
     if plan.micro_batch > 1 and plan.peak_phase == "train":
         hints.append("a smaller micro-batch cuts activations in proportion")
     return (

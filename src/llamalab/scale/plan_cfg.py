@@ -12,6 +12,7 @@ from llamalab import pipeline
 from llamalab.model import LlamaConfig
 from llamalab.scale.batches import batch_layout
 from llamalab.scale.plan import Plan, PlanError, make_plan
+from llamalab.scale.plan_gen import resolve_engine
 from llamalab.scale.strategies import devices_per_node, num_nodes, world_size
 
 
@@ -50,7 +51,23 @@ def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str])
         model_name=str(cfg.model.name),
         checkpoints_kept=checkpoints_kept(cfg),
         batch=layout.to_dict() if layout is not None else None,
+        **generation_settings(stage, cfg.data),
     )
+
+
+def generation_settings(stage: DictConfig, data: DictConfig) -> dict[str, Any]:
+    """PPO's rollout engine settings for the plan (the old ``gather_for_generation`` too):
+    ``generation_batch`` bounds the rows of one generate() call, which a tensor-parallel group
+    fills with the prompts of all its GPUs."""
+    if stage.name != "ppo":
+        return {}
+    old = stage.get("gather_for_generation")
+    return {
+        "rollout_engine": resolve_engine(str(stage.get("rollout_engine", "auto")), old),
+        "rollout_tp_size": stage.get("rollout_tp_size"),
+        "generation_batch": int(stage.get("generation_batch") or 0) or None,
+        "prompt_len": int(data.get("max_prompt_len", 128)),
+    }
 
 
 def checkpoints_kept(cfg: DictConfig) -> int:

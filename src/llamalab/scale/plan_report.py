@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llamalab.scale.memory import GIB, PlanError
+from llamalab.scale.plan_gen import render_generation
 
 
 # ---- the plan ----------------------------------------------------------------------------------
@@ -69,6 +70,9 @@ class Plan:
     # The batch rule's figures (llamalab.scale.plan.batch_section) and the verdict's peak.
     batch: dict[str, Any] = field(default_factory=dict)
     peak_bytes_per_gpu: int = 0
+    # PPO's rollout engine: engine, tp_size, weights_bytes_per_gpu, kv_cache_bytes_per_gpu,
+    # seconds_per_token by engine, ... (llamalab.scale.plan_gen.generation_plan)
+    generation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +168,8 @@ def _render_lines(plan: Plan) -> list[str]:
         f"  checkpoint disk           {format_gib(plan.checkpoint_disk_bytes):>8} GiB "
         f"({plan.checkpoints_kept} kept + 1 being written; last.ckpt is a link)",
     ]
+    if plan.generation is not None:
+        lines += render_generation(plan.generation, GIB)
     if plan.notes:
         lines += ["  notes:"] + [f"   - {note}" for note in plan.notes]
     return lines

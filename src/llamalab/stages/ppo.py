@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from llamalab.generation import sample_responses
 from llamalab.model import Llama, LlamaScalar
 from llamalab.optim import build_adamw, param_groups
 from llamalab.perf import ppo_flops_per_token
@@ -42,6 +41,7 @@ from llamalab.rlhf.rollout import (
 )
 from llamalab.scale.batches import BatchLayout
 from llamalab.scale.build import Role, check_same_vocabulary, load_roles
+from llamalab.scale.rollout_engine import RolloutEngine, stage_rollout
 from llamalab.stages import ppo_config
 from llamalab.stages.base import LlamaStage
 from llamalab.stages.policy_eval import (
@@ -98,6 +98,7 @@ class PPOStage(LlamaStage):
         self.eval_state: dict[str, Any] = {"best": None, "bad_evals": 0}
         self._eval_samples: list[dict[str, Any]] = []
         self._tokenizer: Any = None
+        self.rollouts = RolloutEngine(self.cfg.rollout_engine, self.cfg.rollout_tp_size)
 
     # ------------------------------------------------------------------ models
     def configure_model(self) -> None:
@@ -222,19 +223,19 @@ class PPOStage(LlamaStage):
         assert self.actor is not None
         PPOConfig.check_sampling(temperature, top_p)
         tok = self.tokenizer
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        with self.generation_context(how=self.cfg.gather_for_generation) as actor:
-            generated = sample_responses(
-                actor,
-                prompts,
-                max_new_tokens=self.cfg.max_new_tokens,
-                temperature=temperature,
-                top_p=None,  # PPOConfig.check_sampling: the full distribution only
-                eos_id=tok.eos_id,
-                pad_id=tok.pad_id,
-                chunk_size=self.batch_layout().generation_rows,
-                seed=derive_seed(self.seed, self.iteration, rank),
-            )
+        generated = stage_rollout(  # the engine of stage.rollout_engine (scale.rollout_engine)
+            self.rollouts,
+            self,
+            self.actor,
+            prompts,
+            seed_of=lambda rank: derive_seed(self.seed, self.iteration, rank),
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=temperature,
+            top_p=None,  # PPOConfig.check_sampling: the full distribution only
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            chunk_size=self.cfg.generation_batch,  # a TP group fills it with all its GPUs' prompts
+        )
         return build_rollout(prompts, generated, tok.pad_id, self.device, temperature)
 
     def score(self, rollout: Rollout, is_safety: torch.Tensor) -> Scores:
@@ -328,7 +329,7 @@ class PPOStage(LlamaStage):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.actor is not None and self.rm_helpful is not None
         assert self.rm_safety is not None
-        with self.generation_context(how=self.cfg.gather_for_generation) as actor:  # ZeRO-3: once
+        with self.generation_context(how=self.cfg.eval_gather) as actor:  # ZeRO-3: once
             samples = evaluate_batch(
                 actor,
                 batch["prompt_ids"],

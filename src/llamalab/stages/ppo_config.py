@@ -12,6 +12,7 @@ from llamalab.model.config import ConfigError
 from llamalab.rlhf import AdaptiveKLController, FixedKLController, default_kl_coef
 from llamalab.scale.batches import BatchLayout, ppo_layout
 from llamalab.scale.build import full_numel
+from llamalab.scale.rollout_engine import resolve_engine
 
 
 @dataclass
@@ -46,7 +47,11 @@ class PPOConfig:
     eval_max_new_tokens: int | None = None  # None = max_new_tokens
     early_stopping_patience: int | None = None  # evaluations without a better held-out reward
     log_samples: int = 8  # rows of the W&B tables of samples
-    gather_for_generation: str = "auto"  # ZeRO-3: gather the actor for generation
+    rollout_engine: str = (
+        "auto"  # auto | gather | layerwise | tensor_parallel (scale.rollout_engine)
+    )
+    rollout_tp_size: int | None = None  # tensor_parallel's group size (None = devices per node)
+    gather_for_generation: str | None = None  # old spelling of rollout_engine (always|never|auto)
 
     def __post_init__(self) -> None:
         if self.reward_whitening not in ("running", "batch"):
@@ -56,6 +61,16 @@ class PPOConfig:
         if self.mini_batch < 1 or self.rollout_batch < 1 or self.ppo_epochs < 1:
             raise ValueError("rollout_batch, mini_batch and ppo_epochs must be >= 1")
         self.check_sampling(self.temperature, self.top_p)
+        self.rollout_engine = resolve_engine(self.rollout_engine, self.gather_for_generation)
+        self.gather_for_generation = None
+        if self.rollout_tp_size is not None and self.rollout_tp_size < 1:
+            raise ValueError(f"stage.rollout_tp_size must be >= 1, got {self.rollout_tp_size}")
+
+    @property
+    def eval_gather(self) -> str:
+        """How held-out evaluation samples a sharded actor (:func:`generation_model`'s ``how``):
+        a whole copy under ``gather``, per layer under ``layerwise``, else by free memory."""
+        return {"gather": "always", "layerwise": "never"}.get(self.rollout_engine, "auto")
 
     @staticmethod
     def check_sampling(temperature: float, top_p: float | None) -> None:
