@@ -83,6 +83,7 @@ class DPOStage(LlamaStage):
     """
 
     head = "lm"
+    chat_model = True
 
     def __init__(
         self,

@@ -64,6 +64,7 @@ class PPOStage(LlamaStage):
     (``critic_init``), frozen reward models; PPO on prompt batches (docs/interfaces.md)."""
 
     head = "lm"
+    chat_model = True
 
     def __init__(
         self,
