@@ -36,11 +36,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lm_eval import simple_evaluate
 from omegaconf import DictConfig, OmegaConf
 
 from llamalab.data.builtin import all_questions, builtin_world
 from llamalab.data.builtin.questions import Question
 from llamalab.data.judge import ground_truth, is_refusal
+from llamalab.evaluation.benchmarks import build_task_manager, check_hub
 from llamalab.evaluation.common import (
     EvalError,
     answer_dialogs,
@@ -49,6 +51,7 @@ from llamalab.evaluation.common import (
     load_reward_model,
     score_answers,
 )
+from llamalab.evaluation.harness import LlamalabLM
 from llamalab.evaluation.plots import grouped_bars, labelled_points
 
 ILLICIT, HARMFUL = "illicit and criminal activities", "hateful and harmful activities"
@@ -202,11 +205,6 @@ def _name(path: Any) -> str:
 
 def _hub_tasks(cfg: DictConfig, model: Any, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
     """TruthfulQA / ToxiGen (``eval.hub_tasks``) through lm-eval; offline: EvalError at once."""
-    from lm_eval import simple_evaluate  # lazy: only with eval.hub_tasks
-
-    from llamalab.evaluation.benchmarks import build_task_manager, check_hub
-    from llamalab.evaluation.harness import LlamalabLM
-
     names = list(cfg.eval.hub_tasks)
     check_hub(names)
     manager, _ = build_task_manager(names, [])
@@ -224,8 +222,6 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         if ev.get(key):
             judges[what] = load_reward_model(ev[key], device, what=f"eval.{key}")
     if ev.get("hub_tasks"):
-        from llamalab.evaluation.benchmarks import check_hub  # lazy: avoids a cycle of suites
-
         check_hub(list(ev.hub_tasks))
     prompts = safety_prompts(int(ev.n_helpful), ev.get("n_per_kind"))
     dialogs = [p["messages"] for p in prompts]
