@@ -12,6 +12,7 @@ import torch
 from helpers import run_train
 from helpers.data import small_tokenizer
 
+from llamalab.checkpoint.hf import LLAMA2_CHAT_TEMPLATE
 from llamalab.data.labels import IGNORE_INDEX
 from llamalab.data.sft import SFTDataModule, pack_examples, pad_batch
 from llamalab.model import Llama, LlamaConfig
@@ -218,6 +219,8 @@ def test_sft_run_exports_a_transformers_model(sft_root: Path) -> None:
     metrics = (run / "csv" / "metrics.csv").read_text()
     assert "val/loss" in metrics and "val/eos_rate" in metrics
     hf = AutoModelForCausalLM.from_pretrained(run / "export").eval()
+    tokenizer_config = json.loads((run / "export" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["chat_template"] == LLAMA2_CHAT_TEMPLATE  # a chat model's export
     prompt = torch.tensor([[1, 5, 6, 7]])
     out = hf.generate(prompt, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 4 and (out[:, :4] == prompt).all()

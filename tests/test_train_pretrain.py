@@ -32,6 +32,7 @@ def test_short_pretraining_run_writes_export_latest_and_logs(
     assert run_dir.parent == (outputs / "pretrain").resolve()
     export = run_dir / "export"
     assert (export / "config.json").exists() and (export / "tokenizer.model").exists()
+    assert "chat_template" not in json.loads((export / "tokenizer_config.json").read_text())
     assert (run_dir / ".hydra" / "config.yaml").exists()
     rows = read_metrics(run_dir)
     logged = {k for row in rows for k, v in row.items() if v}

@@ -83,6 +83,36 @@ def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 # ---- writing ------------------------------------------------------------------------------------
+# Meta's chat format (PAPER.md "Chat format", ``llamalab.tokenizer.encode_dialog``) as a Jinja chat
+# template, written into the tokenizer_config.json of chat models: transformers'
+# ``apply_chat_template`` (lm-eval's ``--apply_chat_template``, vLLM, TGI) then renders a dialog
+# that its LlamaTokenizer turns into ``encode_dialog``'s ids, token for token. Each pair is
+# ``<s> [INST] user [/INST] answer </s>``: the space after ``<s>`` stands for SentencePiece's dummy
+# prefix, which Meta's code gets by encoding every pair separately and which the Hugging Face
+# tokenizer (a Metaspace pre-tokenizer prepending only at the start of the text) does not add
+# after a special token. A leading system message joins the first user turn inside
+# ``<<SYS>>\n...\n<</SYS>>\n\n``; roles must alternate user/assistant and contents must not
+# hold Meta's tags (Meta's ``chat_completion`` refuses both).
+LLAMA2_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- if (m['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('roles must alternate user/assistant, starting with user') }}"
+    "{%- endif -%}"
+    "{%- for tag in ['[INST]', '[/INST]', '<<SYS>>', '<</SYS>>'] -%}"
+    "{%- if tag in m['content'] -%}"
+    "{{ raise_exception('a message contains the special tag ' + tag) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if loop.index0 == 0 and system is not none -%}"
+    "{%- set content = '<<SYS>>\\n' + system + '\\n<</SYS>>\\n\\n' + m['content'] -%}"
+    "{%- else -%}{%- set content = m['content'] -%}{%- endif -%}"
+    "{%- if m['role'] == 'user' -%}{{ bos_token + ' [INST] ' + content | trim + ' [/INST]' }}"
+    "{%- else -%}{{ ' ' + content | trim + ' ' + eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+)
 # Meta's sampling defaults (PAPER.md, "Chat format"), written to generation_config.json.
 _GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
 
@@ -142,7 +172,7 @@ def hf_config(
 
 
 def _write_tokenizer(
-    tokenizer: SentencePieceTokenizer, model: Llama | LlamaScalar, out: Path
+    tokenizer: SentencePieceTokenizer, model: Llama | LlamaScalar, out: Path, chat: bool
 ) -> None:
     """``tokenizer.model`` + ``tokenizer_config.json`` + ``special_tokens_map.json``.
 
@@ -150,6 +180,7 @@ def _write_tokenizer(
     uses protobuf). It adds BOS, not EOS, like Meta's ``encode(bos=True)``; it differs from
     SentencePiece on leading spaces only (PAPER.md, "Architecture"). A reward model pads on the
     right (transformers then needs no position ids), a language model on the left (generation).
+    ``chat``: add :data:`LLAMA2_CHAT_TEMPLATE` (a chat model's export).
     """
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer.model_path))
     if sp.vocab_size() > model.config.vocab_size:
@@ -173,6 +204,8 @@ def _write_tokenizer(
         "model_max_length": model.config.max_seq_len,
         "padding_side": "right" if isinstance(model, LlamaScalar) else "left",
     }
+    if chat:
+        tokenizer_config["chat_template"] = LLAMA2_CHAT_TEMPLATE
     _write_json(out / "tokenizer_config.json", tokenizer_config)
     _write_json(out / "special_tokens_map.json", special)
 
@@ -189,13 +222,16 @@ def save_hf(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | None = None,
     tensors: Iterable[tuple[str, torch.Tensor]] | None = None,
+    chat: bool = False,
 ) -> Path:
     """Export ``model`` (and its tokenizer) as a Hugging Face directory; returns the path.
 
     Writes ``config.json``, ``model.safetensors`` (or ``model-0000i-of-0000N.safetensors`` and
     ``model.safetensors.index.json`` above ``max_shard_size``), ``generation_config.json``
     (language models) and, with a tokenizer, ``tokenizer.model`` + ``tokenizer_config.json`` +
-    ``special_tokens_map.json``. ``dtype`` casts the weights (default: as they are).
+    ``special_tokens_map.json``. ``dtype`` casts the weights (default: as they are). ``chat``
+    (chat models: SFT, rejection sampling, PPO, DPO) writes Meta's chat format as the tokenizer's
+    ``chat_template`` (:data:`LLAMA2_CHAT_TEMPLATE`).
 
     The weights stream through :class:`~llamalab.checkpoint.shards.ShardWriter`: host memory
     holds one shard at a time, never a second copy of the model. They are ``model``'s own, or
@@ -229,7 +265,7 @@ def save_hf(
             generation = {**ids, **_GENERATION_DEFAULTS, "max_length": model.config.max_seq_len}
             _write_json(tmp / "generation_config.json", generation)
         if tokenizer is not None:
-            _write_tokenizer(tokenizer, model, tmp)
+            _write_tokenizer(tokenizer, model, tmp, chat)
     return Path(path)
 
 

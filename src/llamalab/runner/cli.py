@@ -21,6 +21,7 @@ USER_ERRORS = (
     ("llamalab.checkpoint.io", "CheckpointError"),
     ("llamalab.model.config", "ConfigError"),
     ("llamalab.data.errors", "DataError"),
+    ("llamalab.evaluation.common", "EvalError"),
     ("llamalab.tokenizer", "DialogError"),
     ("llamalab.runner.checkpoints", "MissingCheckpointError"),
     ("llamalab.pipeline", "MissingInputError"),

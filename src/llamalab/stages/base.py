@@ -63,6 +63,8 @@ class LlamaStage(L.LightningModule):
     """
 
     head = "lm"
+    # A chat model (SFT and what follows it): its export carries the Llama 2 chat template.
+    chat_model = False
     # The W&B callback logs greedy continuations of validation windows as `val/samples` for
     # stages that set this (pretraining); the others publish their own sample tables.
     continuation_samples = False
@@ -392,5 +394,12 @@ class LlamaStage(L.LightningModule):
         tokenizer = Tokenizer(self.tokenizer_path) if self.tokenizer_path else None
         model = self.export_model() if model is None else model
         model = uncompiled(model)
-        save_hf(model, tokenizer, path, max_shard_size=max_shard_size, tensors=tensors)  # type: ignore[arg-type]
+        save_hf(
+            model,  # type: ignore[arg-type]
+            tokenizer,
+            path,
+            max_shard_size=max_shard_size,
+            tensors=tensors,
+            chat=self.chat_model,
+        )
         return Path(path)

@@ -85,6 +85,7 @@ class DPOStage(LlamaStage):
     frozen = FROZEN
 
     head = "lm"
+    chat_model = True
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ class PPOStage(LlamaStage):
     frozen = FROZEN
 
     head = "lm"
+    chat_model = True
 
     def __init__(
         self,

@@ -42,6 +42,8 @@ class SFTStage(LanguageModelStage):
         sample_top_p: nucleus mass when sampling.
     """
 
+    chat_model = True  # rejection sampling inherits it
+
     def __init__(
         self,
         *args: Any,
