@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval benchmarks, safety, red-teaming and win rates (src/eval.py)."""
