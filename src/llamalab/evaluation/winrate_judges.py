@@ -42,10 +42,11 @@ JUDGE_PROMPT = (
 
 
 def outcomes(margins: Sequence[float], tie_margin: float) -> list[int]:
-    """+1 win, 0 tie, -1 loss per prompt from the policy-minus-baseline margins."""
+    """+1 win, 0 tie, -1 loss per prompt from the policy-minus-baseline margins (a margin of
+    exactly 0 is a tie even at ``tie_margin`` 0)."""
     if tie_margin < 0:
         raise ValueError(f"eval.tie_margin must be >= 0, got {tie_margin}")
-    return [0 if abs(m) < tie_margin else (1 if m > 0 else -1) for m in margins]
+    return [0 if abs(m) < tie_margin or m == 0 else (1 if m > 0 else -1) for m in margins]
 
 
 def fractions(values: Sequence[int]) -> dict[str, float]:
