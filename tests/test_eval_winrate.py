@@ -20,6 +20,7 @@ from llamalab.evaluation.winrate_judges import (
     model_judge_margins,
     outcomes,
     preference_logits,
+    reply_logprobs,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +93,23 @@ def test_model_judge_is_position_debiased(tiny_checkpoints: dict) -> None:
     # ... although the random judge does favour one position: its A-vs-B log-odds are not 0
     raw = preference_logits(judge, prompts, a, a)
     assert raw.abs().min() > 0 and forward["position_bias"] != 0.0
+
+
+def test_reply_logprob_by_hand(tiny_checkpoints: dict) -> None:
+    model, tok = load_lm(tiny_checkpoints["sft"], "eval.judge_model")
+    prompts = [
+        [{"role": "user", "content": "Short?"}],
+        [{"role": "user", "content": "A longer one?"}],
+    ]
+    batched = reply_logprobs(model, tok, prompts, "B")
+    for k, prompt in enumerate(prompts):
+        ids = tok.encode_dialog([*prompt, {"role": "assistant", "content": "B"}])
+        head = tok.encode_dialog([*prompt, {"role": "assistant", "content": "x"}])
+        start = len(ids) - 4  # "▁", "B", the format's trailing "▁", EOS (small tokenizer)
+        assert tok.decode(ids[start : start + 2]).strip() == "B" and ids[:start] == head[:start]
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)
+        want = sum(logp[t - 1, ids[t]] for t in (start, start + 1))  # the space and "B" only
+        assert batched[k].item() == pytest.approx(want.item(), abs=1e-4)
 
 
 def test_judges_of_the_wrong_kind_stop_before_any_answer(

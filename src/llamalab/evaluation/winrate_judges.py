@@ -115,12 +115,16 @@ def reply_logprobs(
     model: Llama, tokenizer: Tokenizer, prompts: Sequence[list[Message]], reply: str
 ) -> torch.Tensor:
     """log p(``reply`` | prompt) ``(N,)`` under the chat model: the reply's tokens in Meta's
-    chat format, its closing EOS excluded. A prompt longer than the context keeps its end."""
+    chat format, without the space and EOS the format closes an answer with. A prompt longer
+    than the context keeps its end."""
     limit = model.config.max_seq_len
     rows, labels = [], []
     for prompt in prompts:
         ids, start = encode_answer(tokenizer, prompt, reply, "reply")
-        label = [IGNORE_INDEX] * start + ids[start:-1] + [IGNORE_INDEX]  # no EOS
+        end = len(ids) - 1  # the closing EOS
+        while end > start and not tokenizer.decode([ids[end - 1]]).strip():
+            end -= 1  # the format's space after the answer: not part of the reply
+        label = [IGNORE_INDEX] * start + ids[start:end] + [IGNORE_INDEX] * (len(ids) - end)
         rows.append(ids[-limit:])
         labels.append(label[-limit:])
     out = torch.empty(len(rows))
