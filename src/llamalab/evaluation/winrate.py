@@ -170,7 +170,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     verdicts = outcomes(margins, tie_margin)
     result |= fractions(verdicts)
     result["ci95"] = bootstrap_ci(verdicts, int(opts.get("bootstrap", 1000)), seed)
-    result |= {"n": len(verdicts), "tie_margin": tie_margin, "judges": judges}
+    named = {option.removeprefix("eval.judge_"): path for option, path in judges.items()}
+    result |= {"n": len(verdicts), "tie_margin": tie_margin, "judge_paths": named}
     result["baseline"] = str(opts.baseline)
     by_kind: dict[str, list[int]] = {}
     for r, v in zip(records, verdicts):
