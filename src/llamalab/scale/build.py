@@ -355,13 +355,8 @@ def load_roles(module: Any, roles: Mapping[str, Role]) -> dict[str, nn.Module]:
     its trainer's strategy) or whole."""
     mode = module_sharding(module)
     kw = {"mode": mode, "mesh": stage_mesh(module, mode), "device": stage_device(module, mode)}
-    trainer = getattr(module, "_trainer", None)
-    deepspeed = trainer is not None and "DeepSpeed" in type(trainer.strategy).__name__
-    if deepspeed and any(not r.trainable for r in roles.values()):
-        # DeepSpeed saves without frozen parameters (`exclude_frozen_parameters`) and loads its
-        # module states itself, strictly unless told otherwise: the frozen models, reloaded
-        # from their paths here, are the part a resumed checkpoint lacks.
-        module.strict_loading = False
+    # Frozen roles are left out of checkpoints and loaded non-strictly on resume under
+    # DeepSpeed: llamalab.stages.base.LlamaStage.frozen / strict_loading.
     return {
         name: build_pretrained(r.path, r.head, trainable=r.trainable, role=r.key, **kw)
         for name, r in roles.items()
