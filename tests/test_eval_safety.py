@@ -73,3 +73,30 @@ def test_safety_suite_compares_policies(tiny_checkpoints, tmp_path, cache_dir):
     assert (out / "safety_violation_vs_helpfulness.png").stat().st_size > 1000
     run = read_offline_run(out)
     assert math.isclose(run.summary["safety/violation_rate"], safety["violation_rate"])
+
+
+@pytest.mark.integration
+def test_redteam_and_winrate_suites_through_the_entry_point(tiny_checkpoints, tmp_path, cache_dir):
+    """``src/eval.py eval=redteam`` then ``eval=winrate`` into one folder: the runner dispatches
+    both suites and results.json keeps each under its key, with the fields outside scripts read."""
+    policy, rm = tiny_checkpoints["sft"], tiny_checkpoints["rm"]
+    out = tmp_path / "eval"
+    common = [f"ckpt={policy}", f"paths.output_dir={out}", "eval.max_new_tokens=4"]
+    redteam = ["eval=redteam", "eval.n_requests=2", *common]
+    result = run_train(redteam, cache_dir, script=EVAL, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    winrate = ["eval=winrate", f"eval.baseline={policy}", "eval.n_prompts=6", "eval.bootstrap=50"]
+    winrate += [f"eval.judge_helpful={rm}", f"eval.judge_safety={rm}", *common]
+    result = run_train(winrate, cache_dir, script=EVAL, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    attacks = results["redteam"]
+    assert 0.0 <= attacks["attack_success_rate"] <= 1.0
+    assert set(attacks["by_style"]) >= {"role_play", "start_with", "split_request"}
+    assert sum(c["n"] for c in attacks["by_category"].values()) == sum(
+        s["n"] for s in attacks["by_style"].values()
+    )
+    wins = results["winrate"]
+    # the policy against itself, greedy, one judge: every prompt a tie
+    assert (wins["win"], wins["tie"], wins["loss"]) == (0.0, 1.0, 0.0)
+    assert set(wins["ci95"]) == {"win", "tie", "loss"}
