@@ -11,8 +11,7 @@ KV cache) are in :mod:`llamalab.scale.memory`; the :class:`Plan` record, its ``p
 printed table in :mod:`llamalab.scale.plan_report`. This module says which models a stage holds,
 sums their bytes per phase and gives the verdict.
 
-Units: bytes are exact integers; the only float is ``gpu_memory_gb``, read as GiB (2**30 bytes:
-an "80GB" A100/H100 has 80 GiB = 81,920 MiB). DeepSpeed's own tables also print GiB as "GB".
+Units: exact integer bytes; ``gpu_memory_gb`` is read as GiB (an "80GB" H100 has 80 GiB).
 
 What is counted per GPU (peak = model states + the largest phase):
 - model states: weights, gradients and optimizer states (AdamW), per strategy (see

@@ -325,18 +325,14 @@ class LlamaStage(L.LightningModule):
         self._step_t0 = now
 
     # ------------------------------------------------------------------ checkpoints and export
-    # Frozen submodules (``pipeline.STAGES[...].frozen_attributes``: PPO's reference and reward
-    # models, DPO's reference) are reloaded from their paths on resume, so checkpoints leave them
-    # out: DeepSpeed itself (``exclude_frozen_parameters``) and the state dicts of single-process
-    # and DDP runs. Under FSDP they stay in: ``torch.distributed.checkpoint`` loads every key of
-    # the module or fails.
+    # Frozen submodules (pipeline's ``frozen_attributes``: PPO's reference and reward models,
+    # DPO's reference) are reloaded from their paths on resume and left out of checkpoints
+    # (DeepSpeed: ``exclude_frozen_parameters``), except under FSDP, whose DCP load needs every key.
     frozen: tuple[str, ...] = ()
 
     @property
     def strict_loading(self) -> bool:
-        """False under DeepSpeed for a stage with frozen submodules: DeepSpeed loads the module
-        state itself, strictly unless told otherwise, and the frozen weights (loaded from their
-        paths in ``configure_model``) are what its checkpoint lacks."""
+        """False under DeepSpeed with frozen submodules: its checkpoint lacks them."""
         deepspeed = (
             self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
         )
