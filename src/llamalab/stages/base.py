@@ -333,12 +333,8 @@ class LlamaStage(L.LightningModule):
     @property
     def strict_loading(self) -> bool:
         """False under DeepSpeed with frozen submodules: its checkpoint lacks them."""
-        deepspeed = (
-            self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
-        )
-        if self.frozen and deepspeed:
-            return False
-        return self._strict_loading in (None, True)
+        ds = self._trainer is not None and "DeepSpeed" in type(self.trainer.strategy).__name__
+        return not (self.frozen and ds) and self._strict_loading in (None, True)
 
     @strict_loading.setter
     def strict_loading(self, strict_loading: bool) -> None:
