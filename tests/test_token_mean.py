@@ -22,6 +22,9 @@ from llamalab.rlhf.experience import Experience, mini_batch_backward, ppo_object
 from llamalab.rlhf.rollout import Rollout, response_logits, response_values
 from llamalab.stages.pretrain import token_mean_objective
 
+# The file also spawns 2 gloo processes (the last test): README "Tests", the suite split.
+pytestmark = [pytest.mark.distributed]
+
 VOCAB, PROMPT, RESPONSE = 64, 3, 8
 LOSS = {"clip": 0.2, "value_clip": 0.2, "vf_coef": 0.1, "entropy_coef": 0.01}
 CONFIG = LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=VOCAB, multiple_of=16)
