@@ -173,6 +173,7 @@ def test_judge_and_policy_checks(tiny_checkpoints, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.experiment  # builds lm-eval's whole task index: make test-experiments
 def test_llama2_benchmark_tasks_are_registry_names():
     from omegaconf import OmegaConf
 

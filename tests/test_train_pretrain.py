@@ -122,6 +122,7 @@ def test_impossible_architecture_stops_before_any_compute(tmp_path: Path, cache_
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.experiment  # a learning-quality run: make test-experiments (make test's budget)
 def test_pretraining_lowers_validation_perplexity(tmp_path: Path, cache_dir: Path) -> None:
     result = run_train(
         [
