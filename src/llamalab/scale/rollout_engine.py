@@ -121,11 +121,16 @@ class RolloutEngine:
         version: int,
         devices_per_node: int = 1,
         keep: bool = False,
+        mode: str | None = None,
         **kwargs: Any,
     ) -> GenerationOutput:
         """One response per prompt of this rank; ``seed_of(rank)`` seeds the rank's rows
-        (the group leader's seed under TP). Every rank must call it."""
-        mode = sharding_mode(strategy) if strategy is not None else "none"
+        (the group leader's seed under TP). Every rank must call it. ``mode`` (``zero3`` |
+        ``fsdp`` | ``none``) is read from the Lightning ``strategy``; a model sharded outside
+        Lightning (``strategy=None``) passes it to build the ``tensor_parallel`` copy from its
+        shards (the other engines need the strategy)."""
+        if mode is None:
+            mode = sharding_mode(strategy) if strategy is not None else "none"
         rank, _ = _world()
         engine = self.choose(model, mode, devices_per_node)
         if engine != "tensor_parallel":
