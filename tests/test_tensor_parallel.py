@@ -177,7 +177,8 @@ def test_refusals_and_old_spelling() -> None:
 # ---------------------------------------------------------------------------- a whole PPO run
 def _ppo(out: Path, inputs: dict, *extra: str) -> list[str]:
     """The default PPO config under ZeRO-3 on 2 processes with the TP engine at TP 2; only
-    length (tiny rollouts, 2 iterations, a checkpoint each step) and paths are set."""
+    length (tiny rollouts, 2 iterations, a held-out evaluation of 4 prompts after each, a
+    checkpoint each step) and paths are set."""
     return [
         "stage=ppo", "strategy=deepspeed_zero3", "trainer.devices=2", "trainer.accelerator=cpu",
         "stage.rollout_engine=tensor_parallel", "stage.rollout_tp_size=2",
@@ -186,7 +187,8 @@ def _ppo(out: Path, inputs: dict, *extra: str) -> list[str]:
         f"stage.reference={inputs['sft']}", f"stage.critic_init={inputs['rm']}",
         f"stage.reward_helpful={inputs['rm']}", f"stage.reward_safety={inputs['rm']}",
         "stage.iterations=2", "stage.rollout_batch=4", "stage.mini_batch=4",
-        "stage.max_new_tokens=6", "stage.generation_batch=4", "stage.eval_every=null",
+        "stage.max_new_tokens=6", "stage.generation_batch=4", "stage.eval_every=1",
+        "stage.eval_prompts=4", "stage.eval_max_new_tokens=4",
         "callbacks.model_checkpoint.every_n_train_steps=1",
         "callbacks.model_checkpoint.save_top_k=-1", *extra,
     ]  # fmt: skip
@@ -205,6 +207,7 @@ def test_zero3_ppo_with_the_tp_engine_runs_and_resumes_exactly(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "Traceback" not in result.stderr, result.stderr[-5000:]
     assert "rollout engine tensor_parallel: TP 2" in result.stdout + result.stderr
+    assert "held-out evaluation samples with the tensor_parallel" in result.stdout + result.stderr
     saves = sorted((straight / "checkpoints").glob("step*.ckpt"))
     assert len(saves) == 2, saves  # one per iteration
     first = saves[0]

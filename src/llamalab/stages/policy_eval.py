@@ -15,15 +15,17 @@ the row builders here make PPO's W&B sample tables. Two generations per prompt, 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from llamalab.data.judge import ground_truth, ground_truth_report
-from llamalab.generation import sample_responses
+from llamalab.generation import GenerationOutput, sample_responses
 from llamalab.rlhf.kl import token_kl
 from llamalab.rlhf.rollout import (
     Rollout,
@@ -33,7 +35,11 @@ from llamalab.rlhf.rollout import (
     response_logits,
     score_rollout,
 )
+from llamalab.scale.build import module_sharding
+from llamalab.scale.rollout_engine import stage_rollout
 from llamalab.tokenizer import Tokenizer
+
+log = logging.getLogger("llamalab")
 
 ROLLOUT_COLUMNS = ["iteration", "prompt", "response", "helpful_raw", "safety_raw", "reward"]
 EVAL_COLUMNS = ["iteration", "prompt", "response", "helpful", "safety", "reward", "ground_truth"]
@@ -53,13 +59,17 @@ def evaluate_batch(
     chunk_size: int,
     seed: int,
     safety_threshold: float,
+    sample: Callable[..., GenerationOutput] | None = None,
 ) -> list[dict[str, Any]]:
     """One dict per prompt: ``response`` (text), ``helpful``/``safety`` (sigmoid scores),
-    ``reward`` (Rc), ``length``, ``finished`` and, with a reference, ``kl`` (nats)."""
+    ``reward`` (Rc), ``length``, ``finished`` and, with a reference, ``kl`` (nats).
+
+    ``sample(prompts, **kwargs)`` draws the responses (default: ``sample_responses`` on
+    ``policy``; :func:`eval_policy` hands the rollout engine's); ``policy`` scores them."""
     device = next(policy.parameters()).device
     common = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, chunk_size=chunk_size)
-    greedy = sample_responses(
-        policy,
+    draw = sample or (lambda rows, **kwargs: sample_responses(policy, rows, **kwargs))
+    greedy = draw(
         prompts,
         max_new_tokens=max_new_tokens,
         temperature=0.0,
@@ -73,8 +83,7 @@ def evaluate_batch(
     )
     kl = None
     if reference is not None:
-        sampled = sample_responses(
-            policy,
+        sampled = draw(
             prompts,
             max_new_tokens=max_new_tokens,
             temperature=1.0,
@@ -103,6 +112,35 @@ def evaluate_batch(
             }
         )
     return samples
+
+
+@contextlib.contextmanager
+def eval_policy(stage: Any, how: str) -> Iterator[tuple[nn.Module, Any]]:
+    """``(policy, sample)`` for :func:`evaluate_batch` in a PPO stage (every rank enters).
+
+    When the stage's rollout engine (``stage.rollout_engine``) runs ``tensor_parallel`` on a
+    sharded actor, held-out answers are sampled as rollouts are: by the engine's TP copy, kept
+    for the next rollout at the same step (the weights have not changed), and the sharded actor
+    scores them; no rank ever gathers a whole copy. Otherwise both come from the stage's
+    generation context (a gathered copy, or per layer in lockstep: ``how``)."""
+    engine, actor = stage.rollouts, stage.actor
+    mode = module_sharding(stage)
+    devices = int(stage.trainer.num_devices) if stage._trainer is not None else 1
+    if mode != "none" and engine.choose(actor, mode, devices) == "tensor_parallel":
+
+        def sample(prompts: Sequence[Sequence[int]], *, seed: int, **kwargs: Any) -> Any:
+            rows = [list(p) for p in prompts]
+            return stage_rollout(
+                engine, stage, actor, rows, seed_of=lambda rank: seed + rank, keep=True, **kwargs
+            )
+
+        if stage.global_rank == 0 and not getattr(engine, "eval_logged", False):
+            engine.eval_logged = True
+            log.info("held-out evaluation samples with the tensor_parallel rollout engine")
+        yield actor, sample
+        return
+    with stage.generation_context(how=how) as model:
+        yield model, None
 
 
 def judgeable(records: Sequence[Mapping[str, Any]]) -> bool:

@@ -47,6 +47,7 @@ from llamalab.stages.base import LlamaStage
 from llamalab.stages.policy_eval import (
     EVAL_COLUMNS,
     ROLLOUT_COLUMNS,
+    eval_policy,
     eval_table,
     evaluate_batch,
     finish_evaluation,
@@ -330,7 +331,7 @@ class PPOStage(LlamaStage):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         assert self.actor is not None and self.rm_helpful is not None
         assert self.rm_safety is not None
-        with self.generation_context(how=self.cfg.eval_gather) as actor:  # ZeRO-3: once
+        with eval_policy(self, how=self.cfg.eval_gather) as (actor, sampler):  # the TP engine's
             samples = evaluate_batch(
                 actor,
                 batch["prompt_ids"],
@@ -343,6 +344,7 @@ class PPOStage(LlamaStage):
                 chunk_size=self.cfg.generation_batch,
                 seed=derive_seed(self.seed, 0) + batch_idx,
                 safety_threshold=self.cfg.safety_threshold,
+                sample=sampler,
             )
         for sample, index, prompt in zip(samples, batch["index"].tolist(), batch["prompt_ids"]):
             self._eval_samples.append({**sample, "index": index, "prompt_ids": prompt})
