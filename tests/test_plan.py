@@ -88,6 +88,7 @@ def test_stage_models_roles_and_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
         "reward": [("reward", "scalar", True)],
         "rejection_sampling": [
             ("policy", "lm", True),
+            ("sampler", "lm", False),
             ("reward_helpful", "scalar", False),
             ("reward_safety", "scalar", False),
         ],

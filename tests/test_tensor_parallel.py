@@ -161,6 +161,31 @@ def test_70b_ppo_plans_the_tp_engine_and_refuses_gather(tmp_path: Path) -> None:
         check_engine(plan.generation)
 
 
+def test_70b_rejection_sampling_plans_the_tp_engine_and_refuses_gather(tmp_path: Path) -> None:
+    """`model=70b stage=rejection_sampling dry_run=true`: best-of-K samples through the TP
+    engine (TP 8, its slice, the KV cache of generation_batch rows split by KV heads), the frozen
+    sampler counted beside the trained policy, and a verdict with the rollout phase; `gather`
+    (three whole copies before) is refused, naming the engine that fits."""
+    cfg = compose_config(["model=70b", "stage=rejection_sampling", "dry_run=true"], tmp_path)
+    arch = architecture(cfg)
+    plan = plan_from_config(cfg, arch, {})
+    gen = plan.generation
+    assert gen is not None and (gen["engine"], gen["tp_size"]) == ("tensor_parallel", 8)
+    assert gen["weights_bytes_per_gpu"] == tp_copy_bytes(arch, 8, 2)
+    rows = int(cfg.stage.generation_batch)  # K x 6 prompts per rank, 8 ranks: 64-row calls
+    assert gen["rows_per_call"] == rows and plan.rollout_batch == 60
+    assert gen["kv_cache_bytes_per_gpu"] == rows * 640 * arch.kv_cache_bytes_per_token(2) // 8
+    assert [r.role for r in plan.models] == ["policy", "sampler", "reward_helpful", "reward_safety"]
+    assert plan.phase_bytes["rollout"] > gen["weights_bytes_per_gpu"] + plan.kv_cache_bytes
+    assert plan.fits and plan.peak_bytes_per_gpu < 60 * 2**30, plan.reason
+    gather = ["model=70b", "stage=rejection_sampling", "stage.rollout_engine=gather"]
+    cfg = compose_config(gather, tmp_path)
+    plan = plan_from_config(cfg, architecture(cfg), {})
+    assert not plan.fits and "stage.rollout_engine=tensor_parallel" in plan.reason
+    with pytest.raises(PlanError, match=r"the engine that fits: stage\.rollout_engine=tensor_par"):
+        check_engine(plan.generation)
+
+
 def test_refusals_and_old_spelling() -> None:
     with pytest.raises(TPError, match="KV heads \\(2\\) is not divisible by the TP size 4"):
         check_tp(CONFIG, 4, 4)

@@ -148,14 +148,16 @@ STAGES: dict[str, Stage] = {
             ),
             lightning_accumulates=False,
         ),
-        # Generates with the policy and fine-tunes it (the SFT step) on the best-scored samples;
-        # the reward models sit in `RejectionSamplingStage.frozen` (a dict, not submodules).
+        # Samples with a frozen copy of `init` and fine-tunes the policy (the SFT step) on the
+        # best-scored samples; the sampler (also the held-out KL reference) and the reward
+        # models sit in `RejectionSamplingStage.frozen` (a dict, not submodules).
         Stage(
             "rejection_sampling",
             {"rejection_sampling": "python src/train.py stage=rejection_sampling"},
             (_SFT_INIT, *_REWARD_INPUTS),
             (
                 Model("policy", "lm", True, "init"),
+                Model("sampler", "lm", False, "init", None),
                 Model("reward_helpful", "scalar", False, "reward_helpful", None),
                 Model("reward_safety", "scalar", False, "reward_safety", None),
             ),

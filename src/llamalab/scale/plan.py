@@ -24,8 +24,9 @@ Disk per training checkpoint: the trained models' weights and AdamW states
 (``checkpoint_bytes_per_param``; frozen models are reloaded from their paths, not saved), and
 the disk the kept checkpoints need while the next one is written (a save is committed before
 the oldest is removed).
-PPO's rollout phase is its generation engine's (:mod:`llamalab.scale.plan_gen`): the inference
-copy (whole, tensor-parallel slice, or none), the KV cache of one generate call and one forward.
+The rollout phase of PPO and rejection sampling is their generation engine's
+(:mod:`llamalab.scale.plan_gen`): the inference copy (whole, tensor-parallel slice, or none), the
+KV cache of one generate call and one forward.
 Not counted: the CUDA context and NCCL buffers (about 0.5-1 GiB), allocator fragmentation, the
 temporaries of backward itself (gradients of one block's activations).
 """
@@ -54,7 +55,7 @@ from llamalab.scale.memory import (
     normalize_precision,
     numerics,
 )
-from llamalab.scale.plan_gen import engine_advice, generation_plan
+from llamalab.scale.plan_gen import engine_advice, rollout_phase
 from llamalab.scale.plan_report import ModelRow, Plan, format_gib
 
 STAGES = tuple(pipeline.STAGES)
@@ -218,9 +219,9 @@ def make_plan(
     ``checkpoints_kept``: periodic checkpoints kept on disk (``save_top_k``); ``batch``: the
     run's :class:`llamalab.scale.batches.BatchLayout` as a dict (global batch and its per-GPU
     share), reported in ``plan.json``'s ``batch`` section with the rows of each phase.
-    PPO's
-    ``rollout_engine`` / ``rollout_tp_size`` / ``generation_batch`` (prompts per generate call)
-    set its generation section (:mod:`llamalab.scale.plan_gen`); ``prompt_len``: the longest
+    PPO's and
+    rejection sampling's ``rollout_engine`` / ``rollout_tp_size`` / ``generation_batch`` (rows per
+    generate call) set their generation section (:mod:`llamalab.scale.plan_gen`); ``prompt_len``: the longest
     prompt, the prefill's length (default: ``rollout_len``).
     """
     check_strategy(strategy)
@@ -244,16 +245,13 @@ def make_plan(
     )  # fmt: skip
     states = sum(row.gpu_bytes for row in rows)
     generation = None
-    if stage == "ppo":  # the rollout phase: the engine's inference copy and its KV cache
-        generation = generation_plan(
-            config, num.compute_bytes, devices, num_nodes, rollout_engine, rollout_tp_size,
-            rollout_batch, generation_batch or rollout_batch, rollout_len,
+    if generates:  # the rollout phase: the engine's inference copy, its KV cache, one forward
+        generation, phases["rollout"] = rollout_phase(
+            config, num, devices, num_nodes, rollout_engine, rollout_tp_size, rollout_batch,
+            generation_batch or rollout_batch, rollout_len, prompt_len,
             int(gpu_memory_gb * GIB) - states,
         )  # fmt: skip
-        prefill = min(prompt_len or rollout_len, rollout_len)  # the longest forward of a call
-        forward = activation_breakdown(config, generation["rows_per_call"], prefill, num)
         figures["kv"] = generation["kv_cache_bytes_per_gpu"]
-        phases["rollout"] = generation["weights_bytes_per_gpu"] + figures["kv"] + forward.inference
     ckpt, ckpt_per_gpu = _checkpoint_bytes(rows, strategy, precision, devices * num_nodes)
     peak_phase = max(phases, key=lambda k: phases[k])
     total = states + phases[peak_phase]

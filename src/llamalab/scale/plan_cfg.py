@@ -56,10 +56,10 @@ def plan_from_config(cfg: DictConfig, arch: LlamaConfig, inputs: dict[str, str])
 
 
 def generation_settings(stage: DictConfig, data: DictConfig) -> dict[str, Any]:
-    """PPO's rollout engine settings for the plan (the old ``gather_for_generation`` too):
-    ``generation_batch`` bounds the rows of one generate() call, which a tensor-parallel group
-    fills with the prompts of all its GPUs."""
-    if stage.name != "ppo":
+    """The rollout engine settings of PPO and rejection sampling for the plan (the old
+    ``gather_for_generation`` too): ``generation_batch`` bounds the rows of one generate() call,
+    which a tensor-parallel group fills with the rows of all its GPUs."""
+    if stage.name not in ("ppo", "rejection_sampling"):
         return {}
     old = stage.get("gather_for_generation")
     return {

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamalab.model.config import LlamaConfig
-from llamalab.scale.memory import PlanError
+from llamalab.scale.memory import Numerics, PlanError, activation_breakdown
 
 ENGINES = ("auto", "gather", "layerwise", "tensor_parallel")
 OLD_SPELLING = {"auto": "auto", "always": "gather", "never": "layerwise"}
@@ -219,6 +219,42 @@ def generation_plan(
         "tp_size_possible": tp,
         "bandwidths": dict(BANDWIDTHS),
     }
+
+
+def rollout_phase(
+    config: LlamaConfig,
+    num: Numerics,
+    devices: int,
+    num_nodes: int,
+    engine: str,
+    tp_size: int | None,
+    rows_per_gpu: int,
+    generation_batch: int,
+    rollout_len: int,
+    prompt_len: int | None,
+    free_bytes: int,
+) -> tuple[dict[str, Any], int]:
+    """The generation section and the rollout phase's bytes on top of the model states (PPO and
+    rejection sampling): the engine's inference copy, its KV cache and one forward of a call's
+    rows over the longest prompt (the prefill). ``rows_per_gpu``: the rows one rank hands the
+    engine at once (PPO: its prompts; rejection sampling: a chunk's prompts x K)."""
+    gen = generation_plan(
+        config, num.compute_bytes, devices, num_nodes, engine, tp_size, rows_per_gpu,
+        generation_batch, rollout_len, free_bytes,
+    )  # fmt: skip
+    prefill = min(prompt_len or rollout_len, rollout_len)
+    forward = activation_breakdown(config, gen["rows_per_call"], prefill, num)
+    return gen, gen["weights_bytes_per_gpu"] + gen["kv_cache_bytes_per_gpu"] + forward.inference
+
+
+def engine_settings(
+    engine: str, tp_size: int | None, gather_for_generation: str | None = None
+) -> tuple[str, int | None]:
+    """``stage.rollout_engine`` (or its old spelling) and ``stage.rollout_tp_size``, checked:
+    the settings of every stage that generates with a rollout engine."""
+    if tp_size is not None and tp_size < 1:
+        raise ValueError(f"stage.rollout_tp_size must be >= 1, got {tp_size}")
+    return resolve_engine(engine, gather_for_generation), tp_size
 
 
 def render_generation(gen: dict[str, Any], gib: float) -> list[str]:

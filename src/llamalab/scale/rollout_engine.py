@@ -51,7 +51,7 @@ from llamalab.scale.zero_gen import (
 )
 
 log = logging.getLogger("llamalab")
-__all__ = ["ENGINES", "RolloutEngine", "resolve_engine", "stage_rollout"]
+__all__ = ["ENGINES", "RolloutEngine", "generation_how", "resolve_engine", "stage_rollout"]
 
 
 def _world() -> tuple[int, int]:
@@ -199,6 +199,13 @@ class RolloutEngine:
         self.copy, self.version = None, None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def generation_how(engine: str) -> str:
+    """:func:`llamalab.scale.zero_gen.generation_model`'s ``how`` for an engine that is not the
+    TP one (held-out evaluation): a whole copy under ``gather``, per layer under ``layerwise``,
+    else by free memory."""
+    return {"gather": "always", "layerwise": "never"}.get(engine, "auto")
 
 
 def stage_rollout(

@@ -12,7 +12,8 @@ from llamalab.model.config import ConfigError
 from llamalab.rlhf import AdaptiveKLController, FixedKLController, default_kl_coef
 from llamalab.scale.batches import BatchLayout, ppo_layout
 from llamalab.scale.build import full_numel
-from llamalab.scale.rollout_engine import resolve_engine
+from llamalab.scale.plan_gen import engine_settings
+from llamalab.scale.rollout_engine import generation_how
 
 
 @dataclass
@@ -61,16 +62,16 @@ class PPOConfig:
         if self.mini_batch < 1 or self.rollout_batch < 1 or self.ppo_epochs < 1:
             raise ValueError("rollout_batch, mini_batch and ppo_epochs must be >= 1")
         self.check_sampling(self.temperature, self.top_p)
-        self.rollout_engine = resolve_engine(self.rollout_engine, self.gather_for_generation)
+        self.rollout_engine, self.rollout_tp_size = engine_settings(
+            self.rollout_engine, self.rollout_tp_size, self.gather_for_generation
+        )
         self.gather_for_generation = None
-        if self.rollout_tp_size is not None and self.rollout_tp_size < 1:
-            raise ValueError(f"stage.rollout_tp_size must be >= 1, got {self.rollout_tp_size}")
 
     @property
     def eval_gather(self) -> str:
         """How held-out evaluation samples a sharded actor (:func:`generation_model`'s ``how``):
         a whole copy under ``gather``, per layer under ``layerwise``, else by free memory."""
-        return {"gather": "always", "layerwise": "never"}.get(self.rollout_engine, "auto")
+        return generation_how(self.rollout_engine)
 
     @staticmethod
     def check_sampling(temperature: float, top_p: float | None) -> None:
