@@ -16,6 +16,7 @@ from llamalab.rlhf import IGNORE_INDEX
 from llamalab.stages.rejection_sampling import (
     SAMPLES_FILE,
     best_of_k,
+    pad_share,
     pick_best,
     pool_best,
     read_pool,
@@ -37,6 +38,19 @@ def test_pick_best_prefers_finished_then_highest_reward() -> None:
     rewards = torch.tensor([[0.2, 0.9, 0.5], [0.9, 0.1, 0.3], [0.4, 0.4, 0.1]])
     finished = torch.tensor([[True, True, True], [False, True, True], [False, False, False]])
     assert pick_best(rewards, finished).tolist() == [1, 2, 0]  # first of equals on a tie
+
+
+def test_shares_are_padded_to_equal_chunk_counts_and_cover_every_prompt_once() -> None:
+    """Sharded sampling and scoring are collectives: every rank gets a share of one length
+    (padded with copies of the first prompt), and the real parts cover every prompt once."""
+    items = [{"index": i} for i in range(7)]
+    for world in (1, 2, 3, 4, 8):
+        shares = [pad_share(items, rank, world) for rank in range(world)]
+        assert len({len(share) for share, _ in shares}) == 1  # the same chunks on every rank
+        real = sorted(item["index"] for share, n in shares for item in share[:n])
+        assert real == list(range(7))
+        assert all(item == items[0] for share, n in shares for item in share[n:])
+    assert pad_share(items, 7, 8) == ([items[0]], 0)  # a rank with no prompt still runs one
 
 
 def test_pool_keeps_the_best_answer_per_prompt_over_iterations(tmp_path: Path) -> None:

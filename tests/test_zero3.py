@@ -47,7 +47,7 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
     from llamalab.checkpoint import save_hf
     from llamalab.generation import generate
     from llamalab.scale.build import build_pretrained, full_shape
-    from llamalab.scale.zero_gen import LockstepModel, consolidated, host_tensors
+    from llamalab.scale.zero_gen import LockstepModel, consolidated, host_tensors, sharded_forwards
     from llamalab.stages.ppo_config import actor_parameters
 
     deepspeed.init_distributed("gloo")
@@ -68,6 +68,11 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
             parts[f"{role}.{name}"] = (p.ds_tensor.numel(), full, p.numel())
     counts = {role: (actor_parameters(m), sum(p.numel() for p in m.parameters()))
               for role, m in models.items()}  # fmt: skip
+    # Outside any engine (rejection sampling's frozen models): forwards gather unit by unit.
+    ids = torch.tensor(SCORED[rank])
+    with torch.no_grad(), sharded_forwards([models["reward"], models["reference"]], "zero3"):
+        sharded = (models["reward"](ids), models["reference"](ids))
+    assert all(p.numel() == 0 for p in models["reward"].parameters())  # released after
     engine, *_ = deepspeed.initialize(model=torch.nn.ModuleDict(models), config=cfg,
                                       model_parameters=[])  # fmt: skip
     actor = engine.module["actor"].eval()
@@ -89,8 +94,11 @@ def _zero3_worker(rank: int, world: dict[str, str], port: int, out: str) -> None
                     tensors=tensors)  # fmt: skip
         for _ in tensors:  # rank 1 takes part in every gather
             pass
-    torch.save({"parts": parts, "counts": counts, "fast": fast, "slow": slow, "actor": state, "rm": rm_state,
+    torch.save({"parts": parts, "counts": counts, "sharded": sharded, "fast": fast, "slow": slow, "actor": state, "rm": rm_state,
                 "out": out}, f"{out}/rank{rank}.pt")  # fmt: skip
+
+
+SCORED = ([[1, 5, 9, 11], [1, 7, 7, 3]], [[1, 4, 4, 2]])  # each rank's rows, different
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +169,21 @@ def test_gathered_and_per_layer_generation_agree_with_a_plain_model(
         assert [row[:n] for row in zero3_results[rank]["slow"]] == [row[:n] for row in ref]
 
 
+@pytest.mark.slow
+def test_sharded_forwards_outside_the_engine_equal_the_whole_models(
+    zero3_results: list[dict], world: dict[str, str]
+) -> None:
+    """Partitioned frozen models that no DeepSpeed engine hooks (rejection sampling's sampler
+    and reward models) run forwards one gathered unit at a time: the values equal the whole
+    models', while each rank feeds its own rows."""
+    reward, lm = load_model(world["rm"]), load_model(world["sft"])
+    for rank, result in enumerate(zero3_results):
+        ids = torch.tensor(SCORED[rank])
+        with torch.no_grad():
+            torch.testing.assert_close(result["sharded"][0], reward(ids), rtol=0, atol=1e-5)
+            torch.testing.assert_close(result["sharded"][1], lm(ids), rtol=0, atol=1e-5)
+
+
 def shard_files(folder: Path, limit: int) -> list[str]:
     """The files named by ``folder``'s safetensors index (exactly the ones there); each holds at
     most ``limit`` bytes of tensors unless it holds a single larger tensor."""
@@ -196,9 +219,11 @@ def test_streamed_zero3_export_loads_in_transformers_with_equal_logits(
 
 
 # ---------------------------------------------------------------------------- src/train.py runs
-def train(args: list[str], cache: Path, timeout: int = 600) -> None:
+def train(args: list[str], cache: Path, timeout: int = 600) -> str:
+    """Run ``src/train.py``; its output (stdout and stderr) when it succeeded."""
     proc = run_train(args, cache, timeout=timeout)  # TORCH_EXTENSIONS_DIR: helpers.train_env
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
 
 
 def pretrain_args(out: Path, *extra: str) -> list[str]:
@@ -361,22 +386,32 @@ def test_ppo_runs_on_two_processes(
 def test_rejection_sampling_runs_under_zero3_on_two_processes(
     world: dict[str, str], tmp_path: Path, cache_dir: Path
 ) -> None:
-    """The sampling policy and both reward models loaded partitioned (the one role loader),
-    gathered for sampling and scoring; each rank samples its half of the prompts, fine-tunes
-    under ZeRO-3, judges held-out prompts, and the consolidated export loads."""
+    """The sampling policy and both reward models loaded partitioned (the one role loader) and
+    never gathered whole: best-of-K through the TP engine at TP 2 (the group samples both
+    ranks' prompts together), scoring with sharded forwards over shares padded to equal length
+    (5 prompts on 2 ranks: one padded), a ZeRO-3 fine-tune, held-out prompts judged through the
+    engine too, and the consolidated export loads."""
     out = tmp_path / "rs"
     args = [
         "stage=rejection_sampling", "logger=none", "callbacks=none", "plan.check=false",
         f"paths.output_dir={out}", f"paths.outputs_root={tmp_path / 'outs'}",
         f"stage.init={world['sft']}", f"stage.reward_helpful={world['rm']}",
-        f"stage.reward_safety={world['rm']}", "stage.num_samples=2", "stage.max_prompts=4",
+        f"stage.reward_safety={world['rm']}", "stage.num_samples=2", "stage.max_prompts=5",
         "stage.max_new_tokens=6", "stage.batch_size=2", "data.batch_size=1", "stage.epochs=1",
+        "stage.rollout_engine=tensor_parallel", "stage.rollout_tp_size=2",
         "trainer.limit_val_batches=1", *distributed("deepspeed_zero3"),
     ]  # fmt: skip
-    train(args, cache_dir)
-    chosen = (out / "best_samples.jsonl").read_text().splitlines()
-    assert len(chosen) == 4  # both ranks' halves, gathered by rank 0
+    logs = train(args, cache_dir)
+    assert "rejection sampling: best-of-K with the tensor_parallel rollout engine" in logs
+    assert "rollout engine tensor_parallel: TP 2" in logs
+    assert "held-out evaluation samples with the tensor_parallel" in logs
+    chosen = [json.loads(line) for line in (out / "best_samples.jsonl").read_text().splitlines()]
+    assert len(chosen) == 5  # both ranks' shares, the padding dropped, gathered by rank 0
+    prompts = [json.dumps(c["messages"][:-1]) for c in chosen]
+    assert len(set(prompts)) == 5  # every prompt once
+    assert all(0.0 < c["reward"] < 1.0 and c["messages"][-1]["content"] for c in chosen)
     assert isinstance(load_model(out / "export"), Llama)
     with open(out / "csv" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert any(r.get("train/loss") for r in rows) and any(r.get("eval/reward") for r in rows)
+    assert any(r.get("eval/kl_to_ref") for r in rows)  # the sampler, read by sharded forwards

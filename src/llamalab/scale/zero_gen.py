@@ -11,6 +11,8 @@ batch, generate, free them. Here:
 - :func:`host_tensors` is the export's source: each unit is gathered, copied straight to host
   memory and handed on, so the export (:func:`llamalab.checkpoint.save_hf`, which writes shard
   by shard) never holds the whole model, on the device or on the host.
+- :func:`sharded_forwards` runs forwards of ZeRO-3 models outside the DeepSpeed engine (its
+  hooks gather nothing for them), one unit gathered at a time.
 - :class:`LockstepModel` is the fallback when the copy does not fit: the sharded model itself
   (DeepSpeed / FSDP gather per module per forward), with every rank doing the same number of
   forwards, since a rank whose rows all hit EOS early would otherwise leave the others waiting
@@ -122,6 +124,42 @@ def consolidated(
         yield copy.eval()
     finally:
         del copy
+
+
+# ---------------------------------------------------------------------------- sharded forwards
+@contextlib.contextmanager
+def sharded_forwards(models: list[nn.Module], mode: str) -> Iterator[None]:
+    """Forwards of sharded ``models`` that no DeepSpeed engine hooks: under ZeRO-3 a model
+    built under ``deepspeed.zero.Init`` outside the engine (rejection sampling's frozen models)
+    gets each unit's parameters gathered for its forward and released after it, so no rank ever
+    holds more than one unit whole. Every forward is then a collective: every rank must run the
+    same forwards. FSDP's own hooks do this already and unsharded models need nothing."""
+    if mode != "zero3":
+        yield
+        return
+    entered: dict[int, Any] = {}
+
+    def gather(unit: nn.Module, args: Any) -> None:
+        entered[id(unit)] = gathered(unit, mode, modifier_rank=None)
+        entered[id(unit)].__enter__()
+
+    def release(unit: nn.Module, args: Any, output: Any) -> None:
+        entered.pop(id(unit)).__exit__(None, None, None)
+
+    handles = [
+        hook
+        for model in models
+        for _, unit in units(model)
+        if any(True for _ in unit.parameters())
+        for hook in (unit.register_forward_pre_hook(gather), unit.register_forward_hook(release))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for context in entered.values():  # a forward that raised
+            context.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------- the fallback

@@ -115,15 +115,19 @@ def evaluate_batch(
 
 
 @contextlib.contextmanager
-def eval_policy(stage: Any, how: str) -> Iterator[tuple[nn.Module, Any]]:
-    """``(policy, sample)`` for :func:`evaluate_batch` in a PPO stage (every rank enters).
+def eval_policy(
+    stage: Any, how: str, policy: nn.Module | None = None
+) -> Iterator[tuple[nn.Module, Any]]:
+    """``(policy, sample)`` for :func:`evaluate_batch` in a stage with a rollout engine in
+    ``stage.rollouts`` (every rank enters); ``policy``: the trained policy (PPO's actor by
+    default; rejection sampling's model).
 
     When the stage's rollout engine (``stage.rollout_engine``) runs ``tensor_parallel`` on a
-    sharded actor, held-out answers are sampled as rollouts are: by the engine's TP copy, kept
-    for the next rollout at the same step (the weights have not changed), and the sharded actor
+    sharded policy, held-out answers are sampled as rollouts are: by the engine's TP copy, kept
+    for the next rollout at the same step (the weights have not changed), and the sharded policy
     scores them; no rank ever gathers a whole copy. Otherwise both come from the stage's
     generation context (a gathered copy, or per layer in lockstep: ``how``)."""
-    engine, actor = stage.rollouts, stage.actor
+    engine, actor = stage.rollouts, stage.actor if policy is None else policy
     mode = module_sharding(stage)
     devices = int(stage.trainer.num_devices) if stage._trainer is not None else 1
     if mode != "none" and engine.choose(actor, mode, devices) == "tensor_parallel":
@@ -139,7 +143,7 @@ def eval_policy(stage: Any, how: str) -> Iterator[tuple[nn.Module, Any]]:
             log.info("held-out evaluation samples with the tensor_parallel rollout engine")
         yield actor, sample
         return
-    with stage.generation_context(how=how) as model:
+    with stage.generation_context(actor, how=how) as model:
         yield model, None
 
 

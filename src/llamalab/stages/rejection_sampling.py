@@ -5,31 +5,45 @@ best), then SFT on them with the SFT stage's own training step.
 Sampling runs once, in ``setup("fit")`` before the optimizer and the schedule exist (the number
 of training batches depends on what was kept). Under ZeRO-3 / FSDP the sampling policy and the
 reward models are loaded sharded (the one loader, :func:`llamalab.scale.build.load_roles`) and
-each is gathered whole for sampling and scoring (:func:`llamalab.scale.zero_gen.consolidated`). The chosen dialogs are written to
-``<run>/best_samples.jsonl``; a later iteration lists earlier runs in ``pool_from``. Sampling
-seeds derive from ``seed``, so a resumed run chooses the same answers.
+stay sharded: the policy samples through the rollout engine of ``stage.rollout_engine`` /
+``stage.rollout_tp_size`` as PPO's actor does (:mod:`llamalab.scale.rollout_engine`: a gathered
+copy, per-layer gathering, or a tensor-parallel copy inside each group of GPUs), and the reward
+models score with sharded forwards, one unit gathered at a time
+(:func:`llamalab.scale.zero_gen.sharded_forwards`). Those forwards are collectives, so every rank
+runs the same chunks: the ranks' prompt shares are padded to equal counts with copies of the
+first prompt, whose answers are dropped (:func:`pad_share`). Held-out evaluation does the same
+with the trained policy (:func:`llamalab.stages.policy_eval.eval_policy`); no rank gathers a
+whole model at any size unless ``rollout_engine`` is ``gather`` (the policy only, while it
+samples). The chosen dialogs are written to ``<run>/best_samples.jsonl``; a later iteration lists
+earlier runs in ``pool_from``. Sampling seeds derive from ``seed`` (per rank, or per
+tensor-parallel group leader), so a resumed run chooses the same answers.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from llamalab.generation import sample_responses
+from llamalab.generation import GenerationOutput, sample_responses
 from llamalab.rlhf.rollout import build_rollout, score_rollout
 from llamalab.scale.build import Role, load_roles, module_sharding
-from llamalab.scale.zero_gen import consolidated
-from llamalab.stages.policy_eval import evaluate_batch, finish_evaluation
+from llamalab.scale.plan_gen import engine_settings
+from llamalab.scale.rollout_engine import RolloutEngine, generation_how, stage_rollout
+from llamalab.scale.zero_gen import sharded_forwards
+from llamalab.stages.policy_eval import eval_policy, evaluate_batch, finish_evaluation
 from llamalab.stages.sft import SFTStage
 
+log = logging.getLogger("llamalab")
 SAMPLES_FILE = "best_samples.jsonl"
+RANK_SEED = 104_729  # rank r samples with seed + RANK_SEED * r (its TP group leader's under TP)
 
 
 def pick_best(rewards: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
@@ -54,21 +68,25 @@ def best_of_k(
     generation_batch: int,
     seed: int,
     safety_threshold: float,
+    sample: Callable[..., GenerationOutput] | None = None,
 ) -> list[dict[str, Any]]:
     """For each prompt item, the best of ``num_samples`` answers under Rc (PAPER.md §3.2.3).
 
     An answer that ended with EOS always beats one cut by the length limit (fine-tuning on a
     cut answer would teach the model to ramble). Returns ``{"index", "response", "reward",
-    "helpful", "safety", "mean_reward", "finished"}`` per item, in order.
+    "helpful", "safety", "mean_reward", "finished"}`` per item, in order. ``sample(prompts,
+    **kwargs)`` draws the answers (default: ``sample_responses`` on ``policy``; the stage hands
+    its rollout engine's); each chunk of ``generation_batch // num_samples`` prompts is one
+    call, seeded ``seed + 7919 * start``, and one scoring pass.
     """
     device = next(policy.parameters()).device
     per_call = max(1, generation_batch // num_samples)  # prompts per chunk, K answers each
+    draw = sample or (lambda rows, **kwargs: sample_responses(policy, rows, **kwargs))
     chosen = []
     for start in range(0, len(items), per_call):
         chunk = items[start : start + per_call]
         prompts = [item["prompt_ids"] for item in chunk for _ in range(num_samples)]
-        generated = sample_responses(
-            policy,
+        generated = draw(
             prompts,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -76,7 +94,8 @@ def best_of_k(
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
             seed=seed + 7_919 * start,
-            chunk_size=len(prompts),
+            # one call for this chunk; a TP group fills calls of generation_batch rows
+            chunk_size=max(len(prompts), generation_batch),
         )
         rollout = build_rollout(prompts, generated, tokenizer.pad_id, device)
         is_safety = torch.tensor([item["is_safety"] for item in chunk for _ in range(num_samples)])
@@ -99,6 +118,16 @@ def best_of_k(
                 }
             )
     return chosen
+
+
+def pad_share(items: list[dict[str, Any]], rank: int, world: int) -> tuple[list[Any], int]:
+    """Rank ``rank``'s share of ``items`` (every ``world``-th, from ``rank``), padded with copies
+    of the first item to the largest share's length, and how many of it are real: sharded
+    generation and scoring are collectives, so every rank must run the same chunks; the answers
+    to the padding are dropped."""
+    share = items[rank::world]
+    size = -(-len(items) // world)
+    return share + [items[0]] * (size - len(share)), len(share)
 
 
 def read_pool(paths: list[str]) -> list[dict[str, Any]]:
@@ -154,6 +183,9 @@ class RejectionSamplingStage(SFTStage):
         safety_threshold: float = 0.15,
         eval_max_new_tokens: int | None = None,
         seed: int = 0,
+        rollout_engine: str = "auto",
+        rollout_tp_size: int | None = None,
+        gather_for_generation: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("sample_generations", 0)
@@ -173,6 +205,8 @@ class RejectionSamplingStage(SFTStage):
         self.pool_from = [pool_from] if isinstance(pool_from, str) else list(pool_from or [])
         self.eval_max_new_tokens = eval_max_new_tokens or max_new_tokens
         self.seed = seed
+        engine, tp_size = engine_settings(rollout_engine, rollout_tp_size, gather_for_generation)
+        self.rollouts = RolloutEngine(engine, tp_size)  # samples with the sharded policies
         self.frozen: dict[str, nn.Module] = {}  # not submodules: never trained or checkpointed
         self.dialogs: list[dict[str, Any]] | None = None
         self._eval_samples: list[dict[str, Any]] = []
@@ -215,28 +249,43 @@ class RejectionSamplingStage(SFTStage):
         with zero3_init(self.trainer.strategy) if mode == "zero3" else contextlib.nullcontext():
             self.frozen = load_roles(self, roles)
 
-    @contextlib.contextmanager
-    def whole_frozen(self) -> Iterator[dict[str, nn.Module]]:
-        """The frozen models to run: themselves, or under ZeRO-3 / FSDP their gathered copies
-        (every rank must enter)."""
-        mode = module_sharding(self)
-        with contextlib.ExitStack() as stack:
-            yield {k: stack.enter_context(consolidated(m, mode)) for k, m in self.frozen.items()}
-
     def sample_shard(self, datamodule: Any) -> list[dict[str, Any]]:
-        """Best-of-K over this rank's share of the training prompts."""
+        """Best-of-K over this rank's share of the training prompts: with the frozen models
+        themselves when they are whole; sharded, through the rollout engine and sharded
+        scoring forwards over a share padded to the other ranks' length (module docstring)."""
         items = datamodule.prompt_items("train")[: self.max_prompts]
         world, rank = self.trainer.world_size, self.trainer.global_rank
-        with self.whole_frozen() as frozen:
-            return best_of_k(
+        frozen, mode = self.frozen, module_sharding(self)
+        models = (frozen["policy"], frozen["helpful"], frozen["safety"])
+        if mode == "none":
+            share = items[rank::world]
+            seed = self.seed + RANK_SEED * rank
+            return best_of_k(*models, share, datamodule.tokenizer, seed=seed, **self.sampling)
+        share, real = pad_share(items, rank, world)
+
+        def sample(prompts: list[list[int]], *, seed: int, **kwargs: Any) -> GenerationOutput:
+            return stage_rollout(
+                self.rollouts,
+                self,
                 frozen["policy"],
-                frozen["helpful"],
-                frozen["safety"],
-                items[rank::world],
-                datamodule.tokenizer,
-                seed=self.seed + 104_729 * rank,
-                **self.sampling,
+                prompts,
+                seed_of=lambda r: seed + RANK_SEED * r,
+                keep=True,  # one copy for every chunk: the frozen weights never change
+                **kwargs,
             )
+
+        engine = self.rollouts.choose(frozen["policy"], mode, int(self.trainer.num_devices))
+        if rank == 0:
+            log.info("rejection sampling: best-of-K with the %s rollout engine", engine)
+        try:
+            with sharded_forwards(list(models), mode):
+                chosen = best_of_k(
+                    *models, share, datamodule.tokenizer, seed=self.seed, sample=sample,
+                    **self.sampling,
+                )  # fmt: skip
+        finally:
+            self.rollouts.release()
+        return chosen[:real]
 
     @staticmethod
     def as_dialog(record: dict[str, Any], chosen: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +334,11 @@ class RejectionSamplingStage(SFTStage):
         assert self.model is not None
         self.load_frozen(self.device)
         tokenizer = self.trainer.datamodule.tokenizer  # type: ignore[attr-defined]
-        with self.generation_context() as policy, self.whole_frozen() as frozen:
+        frozen, how = self.frozen, generation_how(self.rollouts.engine)
+        with (
+            eval_policy(self, how, self.export_model()) as (policy, sampler),
+            sharded_forwards(list(frozen.values()), module_sharding(self)),
+        ):
             samples = evaluate_batch(
                 policy,
                 batch["prompt_ids"],
@@ -293,16 +346,18 @@ class RejectionSamplingStage(SFTStage):
                 tokenizer,
                 frozen["helpful"],
                 frozen["safety"],
-                frozen["policy"],
+                frozen["policy"],  # the KL reference: the sampling policy
                 max_new_tokens=self.eval_max_new_tokens,
                 chunk_size=self.sampling["generation_batch"],
                 seed=self.seed + batch_idx,
                 safety_threshold=self.sampling["safety_threshold"],
+                sample=sampler,
             )
         for sample, index in zip(samples, batch["index"].tolist()):
             self._eval_samples.append({**sample, "index": index})
 
     def on_validation_epoch_end(self) -> None:
+        self.rollouts.release()  # the trained policy's TP copy: training changes the weights
         samples, self._eval_samples = self._eval_samples, []
         if samples:
             finish_evaluation(self, samples)
