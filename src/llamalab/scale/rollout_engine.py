@@ -1,6 +1,6 @@
 """Which engine samples the rollouts of a sharded actor, and the tensor-parallel one's lifetime.
 
-``stage.rollout_engine`` (PPO):
+``stage.rollout_engine`` (PPO and rejection sampling):
 
 - ``gather``: a whole copy of the actor on every rank, gathered one unit at a time, then local
   generation with no communication (:func:`llamalab.scale.zero_gen.consolidated`). Fastest
@@ -122,17 +122,19 @@ class RolloutEngine:
         devices_per_node: int = 1,
         keep: bool = False,
         mode: str | None = None,
+        chosen: str | None = None,
         **kwargs: Any,
     ) -> GenerationOutput:
         """One response per prompt of this rank; ``seed_of(rank)`` seeds the rank's rows
         (the group leader's seed under TP). Every rank must call it. ``mode`` (``zero3`` |
         ``fsdp`` | ``none``) is read from the Lightning ``strategy``; a model sharded outside
         Lightning (``strategy=None``) passes it to build the ``tensor_parallel`` copy from its
-        shards (the other engines need the strategy)."""
+        shards (the other engines need the strategy). ``chosen``: the engine to run, chosen
+        once by a caller that samples in several calls (default: :meth:`choose` now)."""
         if mode is None:
             mode = sharding_mode(strategy) if strategy is not None else "none"
         rank, _ = _world()
-        engine = self.choose(model, mode, devices_per_node)
+        engine = chosen or self.choose(model, mode, devices_per_node)
         if engine != "tensor_parallel":
             self.release()
             how = "always" if engine == "gather" else "never"

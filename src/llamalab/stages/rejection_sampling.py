@@ -13,8 +13,8 @@ models score with sharded forwards, one unit gathered at a time
 runs the same chunks: the ranks' prompt shares are padded to equal counts with copies of the
 first prompt, whose answers are dropped (:func:`pad_share`). Held-out evaluation does the same
 with the trained policy (:func:`llamalab.stages.policy_eval.eval_policy`); no rank gathers a
-whole model at any size unless ``rollout_engine`` is ``gather`` (the policy only, while it
-samples). The chosen dialogs are written to ``<run>/best_samples.jsonl``; a later iteration lists
+whole model unless the engine is (or ``auto`` picks) ``gather``: then the policy alone, once for
+all the chunks. The chosen dialogs are written to ``<run>/best_samples.jsonl``; a later iteration lists
 earlier runs in ``pool_from``. Sampling seeds derive from ``seed`` (per rank, or per
 tensor-parallel group leader), so a resumed run chooses the same answers.
 """
@@ -262,29 +262,37 @@ class RejectionSamplingStage(SFTStage):
             seed = self.seed + RANK_SEED * rank
             return best_of_k(*models, share, datamodule.tokenizer, seed=seed, **self.sampling)
         share, real = pad_share(items, rank, world)
+        # One engine for every chunk, chosen once (auto weighs free memory, which a kept copy
+        # changes); under gather one whole copy of the policy serves every chunk.
+        engine = self.rollouts.choose(frozen["policy"], mode, int(self.trainer.num_devices))
+        if rank == 0:
+            log.info("rejection sampling: best-of-K with the %s rollout engine", engine)
+
+        copy: nn.Module | None = None  # the gathered policy under gather
 
         def sample(prompts: list[list[int]], *, seed: int, **kwargs: Any) -> GenerationOutput:
+            if copy is not None:
+                return sample_responses(copy, prompts, seed=seed + RANK_SEED * rank, **kwargs)
             return stage_rollout(
                 self.rollouts,
                 self,
                 frozen["policy"],
                 prompts,
                 seed_of=lambda r: seed + RANK_SEED * r,
-                keep=True,  # one copy for every chunk: the frozen weights never change
+                keep=True,  # one TP copy for every chunk: the frozen weights never change
+                chosen=engine,
                 **kwargs,
             )
 
-        engine = self.rollouts.choose(frozen["policy"], mode, int(self.trainer.num_devices))
-        if rank == 0:
-            log.info("rejection sampling: best-of-K with the %s rollout engine", engine)
-        try:
-            with sharded_forwards(list(models), mode):
-                chosen = best_of_k(
-                    *models, share, datamodule.tokenizer, seed=self.seed, sample=sample,
-                    **self.sampling,
-                )  # fmt: skip
-        finally:
-            self.rollouts.release()
+        with contextlib.ExitStack() as stack:
+            stack.callback(self.rollouts.release)
+            if engine == "gather":
+                copy = stack.enter_context(self.generation_context(frozen["policy"], "always"))
+            stack.enter_context(sharded_forwards(list(models), mode))
+            chosen = best_of_k(
+                *models, share, datamodule.tokenizer, seed=self.seed, sample=sample,
+                **self.sampling,
+            )  # fmt: skip
         return chosen[:real]
 
     @staticmethod
