@@ -155,6 +155,25 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     prompts = [r["prompt"] for r in records]
     policy = answers_of(str(cfg.ckpt), "ckpt", prompts, opts, seed)
     baseline = answers_of(str(opts.baseline), "eval.baseline", prompts, opts, seed)
+    title = f"{cfg.ckpt} vs {opts.baseline} ({opts.get('judge', 'reward_models')})"
+    return judge_answers(opts, judges, records, policy, baseline, seed, out_dir, title)
+
+
+def judge_answers(
+    opts: DictConfig,
+    judges: dict[str, str],
+    records: list[dict[str, Any]],
+    policy: list[str],
+    baseline: list[str],
+    seed: int,
+    out_dir: Path,
+    title: str,
+) -> dict[str, Any]:
+    """The judged half of :func:`run`: the judge (``judges``, from :func:`judge_paths`) picks the
+    better of each prompt's answers, and the ``winrate`` entry of ``results.json`` is returned
+    with ``winrate_samples.jsonl`` and ``winrate.png`` written into ``out_dir``. Callers that
+    compare several policies with one baseline answer the baseline once and call this per policy."""
+    prompts = [r["prompt"] for r in records]
     result: dict[str, Any] = {"judge": opts.get("judge", "reward_models")}
     if result["judge"] == "model":
         judge = load_lm(judges["eval.judge_model"], "eval.judge_model")
@@ -181,5 +200,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         for r, a, b, m, v in zip(records, policy, baseline, margins, verdicts):
             row = {"prompt": r["prompt"], "kind": r["kind"], "policy": a, "baseline": b}
             f.write(json.dumps({**row, "margin": m, "outcome": OUTCOMES[1 - v]}) + "\n")
-    plot_bars(result, out_dir / "winrate.png", f"{cfg.ckpt} vs {opts.baseline} ({result['judge']})")
+    plot_bars(result, out_dir / "winrate.png", title)
     return result
