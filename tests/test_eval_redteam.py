@@ -18,6 +18,7 @@ from llamalab.data.errors import DataError
 from llamalab.data.formats import load_preference_records, load_sft_records
 from llamalab.data.judge import is_refusal
 from llamalab.evaluation import redteam
+from llamalab.evaluation.common import play_dialogs
 from llamalab.evaluation.redteam_data import (
     BUILTIN_STYLES,
     Attack,
@@ -28,7 +29,6 @@ from llamalab.evaluation.redteam_data import (
     load_styles,
     resolve_styles,
 )
-from llamalab.evaluation.scoring import answer_dialogs
 from llamalab.generation import answer_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_successful_attacks_load_as_sft_and_preference_data(tmp_path: Path) -> N
     assert pair["is_safety"] and pair["rating"] == "significantly_better"
 
 
-def test_answer_dialogs_plays_fixed_and_own_turns(tiny_checkpoints: dict) -> None:
+def test_play_dialogs_plays_fixed_and_own_turns(tiny_checkpoints: dict) -> None:
     from llamalab.checkpoint import load_model
 
     tok = tiny_checkpoints["tokenizer"]
@@ -151,7 +151,7 @@ def test_answer_dialogs_plays_fixed_and_own_turns(tiny_checkpoints: dict) -> Non
         ("Sys.", [("one", None), ("two", "fixed"), ("three", None)]),
         (None, [("alone", None)]),
     ]
-    out = answer_dialogs(model, tok, dialogs, seed=7, **sampling)
+    out = play_dialogs(model, tok, dialogs, seed=7, **sampling)
     assert [m["role"] for m in out[0]] == ["system"] + ["user", "assistant"] * 3
     assert out[0][4]["content"] == "fixed"
     # turn 0 of both dialogs in one batch, seed 7; the last turn alone, seed 7 + 2 * stride

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from llamalab.checkpoint import CheckpointError
 from llamalab.evaluation import winrate
-from llamalab.evaluation.scoring import load_lm
+from llamalab.evaluation.common import load_policy
 from llamalab.evaluation.winrate_judges import (
     bootstrap_ci,
     fractions,
@@ -82,7 +82,7 @@ def test_policy_equal_to_baseline_ties_under_the_rm_judge(
 
 
 def test_model_judge_is_position_debiased(tiny_checkpoints: dict) -> None:
-    judge = load_lm(tiny_checkpoints["sft"], "eval.judge_model")
+    judge = load_policy(tiny_checkpoints["sft"], what="eval.judge_model")
     prompts = [[{"role": "user", "content": "What is the purpose of os.remove?"}]] * 3
     a = ["Remove a file.", "I can't help with that.", "Sure."]
     b = ["Return the size.", "Remove a file.", "Sure."]
@@ -96,7 +96,7 @@ def test_model_judge_is_position_debiased(tiny_checkpoints: dict) -> None:
 
 
 def test_reply_logprob_by_hand(tiny_checkpoints: dict) -> None:
-    model, tok = load_lm(tiny_checkpoints["sft"], "eval.judge_model")
+    model, tok = load_policy(tiny_checkpoints["sft"], what="eval.judge_model")
     prompts = [
         [{"role": "user", "content": "Short?"}],
         [{"role": "user", "content": "A longer one?"}],

@@ -60,6 +60,14 @@ def test_quick_demo_writes_results_for_every_policy(tmp_path: Path, cache_dir: P
     for run, step in (("ppo", "ppo"), ("ppo", "ppo_from_rs"), ("rejection_sampling",) * 2):
         assert (out / "outputs" / run / step / "export" / "config.json").is_file()
     assert (out / "samples" / "ppo_from_rs.jsonl").is_file()
+    # the evaluation package's safety and win-rate suites on round 1's main policies
+    assert results["sft"]["suites"]["winrate"] is None
+    for name in ("rejection_sampling", "ppo", "ppo_from_rs"):
+        safety, wins = results[name]["suites"]["safety"], results[name]["suites"]["winrate"]
+        assert 0.0 <= safety["violation_rate"] <= 1.0 and safety["n"]["harmful"] > 0
+        assert wins["win"] + wins["tie"] + wins["loss"] == pytest.approx(1.0)
+        assert wins["ci95"]["win"][0] <= wins["win"] <= wins["ci95"]["win"][1]
+    assert "win vs SFT" in tables and (out / "suites" / "safety" / "safety_answers.jsonl").is_file()
 
 
 def test_round_steps_chain_each_round_to_the_last(
@@ -156,11 +164,24 @@ def _fake_results(seed: int, truth: float, kl: float) -> dict:
     metrics = {"ground_truth": truth, "refusal_rate_harmful": 0.5, "false_refusal_rate": 0.1,
                "helpfulness": 0.0, "reward_helpful": 0.6, "reward_safety": 0.7, "kl_to_sft": kl}  # fmt: skip
     accuracy = {"first_round_data": 0.9}
+    safety = {"violation_rate": 1 - truth, "rm_violation_rate": 0.5, "false_refusal_rate": 0.1,
+              "false_refusal_rate_helpful": 0.0}  # fmt: skip
+    wins = {"win": truth, "tie": 0.0, "loss": 1 - truth, "ci95": {"win": [truth / 2, truth]}}
     return {
         "seed": seed,
         "seconds": 100.0 + seed,
-        "sft": {"label": "SFT", **metrics, "ground_truth": 0.1, "kl_to_sft": 0.0},
-        "ppo": {"label": "PPO (from SFT)", **metrics},
+        "sft": {
+            "label": "SFT",
+            **metrics,
+            "ground_truth": 0.1,
+            "kl_to_sft": 0.0,
+            "suites": {"safety": safety, "winrate": None},
+        },
+        "ppo": {
+            "label": "PPO (from SFT)",
+            **metrics,
+            "suites": {"safety": safety, "winrate": wins},
+        },
         "rounds": [
             {
                 "round": 1,
@@ -176,7 +197,8 @@ def test_seeds_summary_is_mean_and_sample_sd_of_the_seeds(
     demo: dict[str, ModuleType], tmp_path: Path
 ) -> None:
     """``run.py --seeds``: the tables over seeds are the mean ± sample sd of each seed's
-    results.json (hand-computed: ground truth 0.2 and 0.4 -> 0.300 ± 0.141)."""
+    results.json (hand-computed: ground truth 0.2 and 0.4 -> 0.300 ± 0.141), the suites' table
+    too (violation rates 0.8 and 0.6 -> 0.700 ± 0.141; no win rate of SFT against itself)."""
     results = {0: _fake_results(0, 0.2, 3.0), 1: _fake_results(1, 0.4, 5.0)}
     summary = demo["seeds"].summarize(tmp_path, results, seconds=123.0)
     sft, ppo = summary["policies"]
@@ -188,3 +210,8 @@ def test_seeds_summary_is_mean_and_sample_sd_of_the_seeds(
     text = (tmp_path / "summary.md").read_text()
     assert "| PPO (from SFT) | 0.300 ± 0.141 |" in text and "Seeds 0, 1" in text
     assert json.loads((tmp_path / "summary.json").read_text())["seconds"] == 123.0
+    sft_suites, ppo_suites = summary["suites"]
+    assert ppo_suites["violation rate (rule)"] == "0.700 ± 0.141"
+    assert ppo_suites["win vs SFT"] == "0.300 ± 0.141" and sft_suites["win vs SFT"] == "-"
+    assert ppo_suites["win_ci95_per_seed"] == [[0.1, 0.2], [0.2, 0.4]]
+    assert "| PPO (from SFT) | 0.700 ± 0.141 | 0.500 ± 0.000 |" in text

@@ -5,12 +5,14 @@ rule-checked ground truth (README.md in this folder).
 
     python experiments/rlhf_demo/run.py --out DIR [--seed N] [--rounds N] [--quick] [--reuse]
     python experiments/rlhf_demo/run.py --out DIR --seeds 0 1 2 [--jobs 3] [--rounds N] ...
+    python experiments/rlhf_demo/run.py --out DIR [--seeds 0 1 2] --suites-only
 
 Each training step is the user's own command (``python src/train.py stage=...``) with
 ``paths.outputs_root=DIR/outputs`` (``steps.py``), so stages find each other through
 ``outputs/<run>/latest`` exactly as they do for a user. Round r >= 2 first collects preferences
-on the latest policy (``pairs.py``). Writes ``DIR/results.json`` and ``DIR/results.md`` and
-prints the tables. ``--seeds`` runs one such process per seed (``DIR/seed<N>``) and writes
+on the latest policy (``pairs.py``). Then the evaluation package's safety and win-rate suites
+judge round 1's main policies (``suites.py``). Writes ``DIR/results.json`` and ``DIR/results.md``
+and prints the tables; ``--suites-only`` adds the suites to a finished run (nothing retrained). ``--seeds`` runs one such process per seed (``DIR/seed<N>``) and writes
 the tables as mean ± sd over the seeds (``seeds.py``: ``DIR/summary.md``, ``summary.json``).
 """
 
@@ -26,6 +28,7 @@ from judging import judge_policies, logged_accuracy, pair_accuracy
 from pairs import collect_round, read_jsonl, write_round1
 from seeds import run_seeds, seed_dir, summarize
 from steps import REWARD_KINDS, STEP, STEPS, Step, finished, round_export, round_steps, run_step
+from suites import SUITE_POLICIES, suite_metrics
 
 from llamalab.experiments import markdown_table, write_json
 
@@ -139,6 +142,57 @@ POLICY_COLUMNS = [
 ]
 
 
+SUITE_COLUMNS = [
+    ("policy", "label", str),
+    ("violation rate (rule)", "violation_rate", str),
+    ("violation rate (safety RM)", "rm_violation_rate", str),
+    ("false refusals: borderline", "false_refusal_rate", str),
+    ("false refusals: helpful", "false_refusal_rate_helpful", str),
+    ("win vs SFT [ci95]", "win", str),
+    ("tie", "tie", str),
+    ("loss", "loss", str),
+]
+
+
+def suite_row(entry: dict[str, Any]) -> dict[str, str]:
+    """One policy's line of the suites table (cells as text; the SFT row has no win rate)."""
+    safety, wins = entry["suites"]["safety"], entry["suites"]["winrate"]
+    row = {"label": entry["label"], **{k: fmt(safety.get(k)) for _, k, _ in SUITE_COLUMNS[1:5]}}
+    if wins is None:
+        return row | {"win": "-", "tie": "-", "loss": "-"}
+    lo, hi = wins["ci95"]["win"]
+    return row | {"win": f"{wins['win']:.3f} [{lo:.3f}, {hi:.3f}]",
+                  "tie": fmt(wins["tie"]), "loss": fmt(wins["loss"])}  # fmt: skip
+
+
+def add_suites(results: dict[str, Any], out: Path, quick: bool) -> None:
+    """The safety and win-rate suites (``suites.py``) of :data:`SUITE_POLICIES`, into each
+    policy's ``suites`` entry of ``results``; their wall time into ``stage_seconds``."""
+    outputs, t0 = out / "outputs", time.perf_counter()
+    policies = {name: STEP[name].export(outputs) for name in SUITE_POLICIES}
+    reward = {k: STEP[f"reward_{k}"].export(outputs) for k in REWARD_KINDS}
+    judged = suite_metrics(
+        policies, STEP["sft"].export(outputs), reward, out / "suites", seed=results["seed"],
+        quick=quick,
+    )  # fmt: skip
+    for name, entry in judged.items():
+        results[name]["suites"] = entry
+    results.setdefault("stage_seconds", {})["suites"] = round(time.perf_counter() - t0, 1)
+
+
+def write_tables(results: dict[str, Any], out: Path) -> str:
+    """``results.json`` and ``results.md`` (the policy, suites and per-round tables)."""
+    write_json(results, out / "results.json")
+    rows = [results[s.name] for s in STEPS if s.row]
+    per_round = [round_row(report) for report in results["rounds"]]
+    suites = [suite_row(results[n]) for n in SUITE_POLICIES if "suites" in results.get(n, {})]
+    tables = [markdown_table(rows, POLICY_COLUMNS)]
+    tables += [markdown_table(suites, SUITE_COLUMNS)] if suites else []
+    text = "\n\n".join([*tables, markdown_table(per_round, ROUND_COLUMNS)]) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="everything is written here")
@@ -153,12 +207,23 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     parser.add_argument("--reuse", action="store_true", help="skip steps already finished in --out")
     parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline by default)")
+    parser.add_argument(
+        "--suites-only",
+        action="store_true",
+        help="only add the safety and win-rate suites to a finished run's results",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     out = args.out.resolve()
     if args.seeds:
         many_seeds(args, out)
+        return
+    if args.suites_only:
+        results = json.loads((out / "results.json").read_text())
+        add_suites(results, out, bool(results.get("quick")))
+        print(write_tables(results, out))
+        print(f"[rlhf_demo] seed {results['seed']}: suites added to {out / 'results.json'}")
         return
     outputs, prefs = out / "outputs", out / "preferences"
     outputs.mkdir(parents=True, exist_ok=True)
@@ -187,19 +252,13 @@ def main() -> None:
         round_report(r, outputs, prefs, metrics, args.quick) for r in range(1, args.rounds + 1)
     ]
     seconds["evaluation"] = time.perf_counter() - t_eval
-    results["seconds"] = round(time.perf_counter() - t0, 1)
     results["stage_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    add_suites(results, out, args.quick)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
     results["reward_model_accuracy"] = {
         k: logged_accuracy(STEP[f"reward_{k}"].output_dir(outputs)) for k in REWARD_KINDS
     }
-    write_json(results, out / "results.json")
-    rows = [results[s.name] for s in STEPS if s.row]
-    per_round = [round_row(report) for report in results["rounds"]]
-    tables = (
-        f"{markdown_table(rows, POLICY_COLUMNS)}\n\n{markdown_table(per_round, ROUND_COLUMNS)}\n"
-    )
-    (out / "results.md").write_text(tables)
-    print(tables)
+    print(write_tables(results, out))
     print(f"[rlhf_demo] seed {args.seed}: {results['seconds']:.0f} s; results in {out}")
 
 
@@ -207,12 +266,15 @@ def many_seeds(args: argparse.Namespace, out: Path) -> None:
     """``--seeds``: each seed's full demo (``--reuse``: finished seeds only summarized)."""
     out.mkdir(parents=True, exist_ok=True)
     passthrough = [f"--rounds={args.rounds}"] + [
-        flag for flag in ("--quick", "--reuse", "--wandb") if getattr(args, flag[2:])
-    ]
-    todo = [
-        s for s in args.seeds if not (args.reuse and (seed_dir(out, s) / "results.json").is_file())
-    ]
-    seconds = run_seeds(out, todo, max(1, args.jobs), passthrough) if todo else None
+        flag for flag in ("--quick", "--reuse", "--wandb", "--suites-only")
+        if getattr(args, flag[2:].replace("-", "_"))
+    ]  # fmt: skip
+    done = args.reuse and not args.suites_only
+    todo = [s for s in args.seeds if not (done and (seed_dir(out, s) / "results.json").is_file())]
+    tag = ".suites" if args.suites_only else ""  # the training runs' logs are kept
+    seconds = run_seeds(out, todo, max(1, args.jobs), passthrough, tag) if todo else None
+    if args.suites_only and (out / "summary.json").is_file():  # keep the training run's time
+        seconds = json.loads((out / "summary.json").read_text()).get("seconds")
     results = {s: json.loads((seed_dir(out, s) / "results.json").read_text()) for s in args.seeds}
     summarize(out, results, seconds)
     print((out / "summary.md").read_text())

@@ -3,7 +3,8 @@
 ``run.py --seeds 0 1 2`` runs ``run.py --out DIR/seed<N> --seed N`` for each seed (``--jobs``
 at a time, the machine's cores split between them), then :func:`summarize` reads every
 ``DIR/seed<N>/results.json`` and writes ``DIR/summary.json`` and ``DIR/summary.md``: the policy
-table and the per-round table, each metric as mean ± sample sd over the seeds, and the wall time.
+table, the evaluation suites' table (``suites.py``) and the per-round table, each metric as mean ±
+sample sd over the seeds, and the wall time.
 """
 
 from __future__ import annotations
@@ -27,15 +28,28 @@ POLICY_METRICS = (
     ("reward_safety", "reward_safety"),
     ("KL to SFT (nats)", "kl_to_sft"),
 )
+# The suites table (``suites.py``): header, suite, key in that suite's entry of each policy.
+SUITE_METRICS = (
+    ("violation rate (rule)", "safety", "violation_rate"),
+    ("violation rate (safety RM)", "safety", "rm_violation_rate"),
+    ("false refusals: borderline", "safety", "false_refusal_rate"),
+    ("false refusals: helpful", "safety", "false_refusal_rate_helpful"),
+    ("win vs SFT", "winrate", "win"),
+    ("tie", "winrate", "tie"),
+    ("loss", "winrate", "loss"),
+)
 
 
 def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed{seed}"
 
 
-def run_seeds(out: Path, seeds: list[int], jobs: int, passthrough: list[str]) -> float:
+def run_seeds(
+    out: Path, seeds: list[int], jobs: int, passthrough: list[str], log_tag: str = ""
+) -> float:
     """One ``run.py`` process per seed, ``jobs`` at a time, each with ``cores // jobs`` threads
-    (``OMP_NUM_THREADS``); a failed seed stops the command. Returns the wall time in seconds."""
+    (``OMP_NUM_THREADS``), logging to ``out/seed<N><log_tag>.log``; a failed seed stops the
+    command. Returns the wall time in seconds."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     script = Path(__file__).with_name("run.py")
@@ -47,7 +61,7 @@ def run_seeds(out: Path, seeds: list[int], jobs: int, passthrough: list[str]) ->
             folder = seed_dir(out, seed)
             folder.mkdir(parents=True, exist_ok=True)
             command = [sys.executable, str(script), "--out", str(folder), "--seed", str(seed)]
-            log = open(out / f"seed{seed}.log", "w")  # noqa: SIM115 (closed when the job ends)
+            log = open(out / f"seed{seed}{log_tag}.log", "w")  # noqa: SIM115 (closed when the job ends)
             print(f"[rlhf_demo] seed {seed}: {' '.join(command[1:] + passthrough)}", flush=True)
             running[seed] = (subprocess.Popen([*command, *passthrough], env=env, stdout=log,
                                               stderr=subprocess.STDOUT), log)  # fmt: skip
@@ -60,7 +74,8 @@ def run_seeds(out: Path, seeds: list[int], jobs: int, passthrough: list[str]) ->
             if proc.returncode != 0:
                 for other, _ in running.values():
                     other.terminate()
-                raise SystemExit(f"[rlhf_demo] seed {seed} failed: see {out / f'seed{seed}.log'}")
+                log_path = out / f"seed{seed}{log_tag}.log"
+                raise SystemExit(f"[rlhf_demo] seed {seed} failed: see {log_path}")
             print(f"[rlhf_demo] seed {seed}: done", flush=True)
     return time.perf_counter() - t0
 
@@ -74,7 +89,8 @@ def summarize(
     out: Path, results: dict[int, dict[str, Any]], seconds: float | None
 ) -> dict[str, Any]:
     """The tables over seeds: every judged policy (rows in round-1 order, then rounds') with each
-    metric as mean ± sd, and the per-round table (ground truth of each round's rejection sampling
+    metric as mean ± sd, the suites table (safety and win rate vs SFT, where the seeds have them)
+    and the per-round table (ground truth of each round's rejection sampling
     and PPO, PPO's KL to SFT, reward-model accuracies). Writes ``summary.json`` / ``summary.md``."""
     seeds = sorted(results)
     first = results[seeds[0]]
@@ -87,6 +103,23 @@ def summarize(
             row[header] = _cell(values)
             row[f"{key}_per_seed"] = values
         policy_rows.append(row)
+    suite_rows = []
+    for name in policies:
+        if any("suites" not in results[s][name] for s in seeds):
+            continue
+        row = {"policy": first[name]["label"], "name": name}
+        for header, suite, key in SUITE_METRICS:
+            entries = [results[s][name]["suites"][suite] for s in seeds]
+            if any(e is None for e in entries):  # the SFT policy has no win rate against itself
+                row[header] = "-"
+                continue
+            values = [float(e[key]) for e in entries]
+            row[header] = _cell(values)
+            row[f"{suite}_{key}_per_seed"] = values
+        if first[name]["suites"]["winrate"] is not None:
+            row["win_ci95_per_seed"] = [results[s][name]["suites"]["winrate"]["ci95"]["win"]
+                                        for s in seeds]  # fmt: skip
+        suite_rows.append(row)
     round_rows = []
     for i, report in enumerate(first["rounds"]):
         reports = [results[s]["rounds"][i] for s in seeds]
@@ -112,15 +145,16 @@ def summarize(
         "seconds": None if seconds is None else round(seconds, 1),
         "seconds_per_seed": {s: results[s]["seconds"] for s in seeds},
         "policies": policy_rows,
+        "suites": suite_rows,
         "rounds": round_rows,
     }
     write_json(summary, out / "summary.json")
     policy_columns = [("policy", "policy", str)] + [(h, h, str) for h, _ in POLICY_METRICS]
     round_columns = [(h, h, str) for h in round_rows[0]] if round_rows else []
-    text = (
-        f"Seeds {', '.join(map(str, seeds))}: mean ± sd\n\n"
-        f"{markdown_table(policy_rows, policy_columns)}\n\n"
-        f"{markdown_table(round_rows, round_columns)}\n"
-    )
+    suite_columns = [("policy", "policy", str)] + [(h, h, str) for h, _, _ in SUITE_METRICS]
+    tables = [markdown_table(policy_rows, policy_columns)]
+    tables += [markdown_table(suite_rows, suite_columns)] if suite_rows else []
+    tables += [markdown_table(round_rows, round_columns)]
+    text = f"Seeds {', '.join(map(str, seeds))}: mean ± sd\n\n" + "\n\n".join(tables) + "\n"
     (out / "summary.md").write_text(text)
     return summary

@@ -1,16 +1,20 @@
 """What every evaluation suite needs: the models it judges and the answers it scores.
 
 - :func:`resolve_ckpt`: the model path of ``ckpt=`` (default: the newest chat model's ``latest``).
+- :func:`check_head`: that a path is a language model or a reward model, read from its
+  ``config.json`` without loading weights, so a suite checks every path before any compute.
 - :func:`load_policy` / :func:`load_reward_model`: a language model or a reward model with its
-  tokenizer, or one :class:`EvalError` saying what the path holds instead.
+  tokenizer, or one :class:`ModelError` saying what the path holds instead.
 - :func:`answer_dialogs`: dialogs (message lists ending with a user turn) -> answer texts, in
-  batches on the KV-cache ``generate``, with a progress bar.
-- :func:`score_answers`: reward-model scores of ``dialog + [answer]``, encoded as the reward
-  stage trains on them.
+  batches on the KV-cache ``generate``, with a progress bar; :func:`play_dialogs` plays
+  multi-turn dialogs (fixed replies or the policy's own) turn by turn.
+- :func:`score_answers` / :func:`reward_scores`: reward-model scores of ``dialog + [answer]`` or of
+  complete dialogs, encoded as the reward stage trains on them (its ``score_token_rows``).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +23,8 @@ from tqdm.auto import tqdm
 
 from llamalab import chat, pipeline
 from llamalab.checkpoint import CheckpointError, load_model
+from llamalab.checkpoint.hf import head_from_config
+from llamalab.generation import answer_prompts
 from llamalab.model import Llama, LlamaScalar
 from llamalab.stages.reward import score_token_rows
 from llamalab.tokenizer import Message, Tokenizer
@@ -26,11 +32,18 @@ from llamalab.tokenizer import Message, Tokenizer
 # Runs that hold chat models, newest stage of the recipe first: `ckpt=` defaults to the first
 # that exists (`<outputs_root>/<run>/latest`, linked when a run finishes).
 CHAT_RUNS = ("ppo", "dpo", "rejection_sampling", "sft")
+HEADS = {"lm": "a language model", "scalar": "a reward model"}
+TURN_SEED_STRIDE = 1_000_003  # play_dialogs: turn t is seeded seed + t * stride
 
 
 class EvalError(ValueError):
     """An evaluation input that cannot be used (a path, a task name, a judge): the message says
     which and what to pass instead."""
+
+
+class ModelError(EvalError, CheckpointError):
+    """A model path (``ckpt``, a judge, a baseline) that is missing, is no checkpoint, or holds
+    the other kind of model (a language model where a reward model is needed, or the reverse)."""
 
 
 def resolve_ckpt(ckpt: str | Path | None, outputs_root: str | Path | None = None) -> Path:
@@ -50,9 +63,9 @@ def resolve_ckpt(ckpt: str | Path | None, outputs_root: str | Path | None = None
     )
 
 
-def device_of(name: str | None) -> torch.device:
+def device_of(name: str | torch.device | None) -> torch.device:
     """``None`` / ``auto``: cuda when available, else cpu."""
-    if name in (None, "auto"):
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
@@ -61,16 +74,60 @@ def _load(path: Path, what: str, device: torch.device) -> Llama | LlamaScalar:
     try:
         return load_model(path, device=device)
     except (CheckpointError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
-        raise EvalError(f"{what}={path} is not a model: {err}") from None
+        raise ModelError(f"{what}={path} is not a model: {err}") from None
+
+
+def _config_head(root: Path, what: str) -> str | None:
+    """The head named by the Hugging Face ``config.json`` of ``root`` (or ``root/export``), None
+    without one (a Meta directory, a Lightning ``.ckpt``)."""
+    if not root.exists():
+        raise ModelError(f"{what}={root} is not a model: no such file or directory")
+    for folder in (root, root / "export"):
+        config = folder / "config.json"
+        if root.is_dir() and config.is_file():
+            try:
+                return head_from_config(json.loads(config.read_text()), folder)
+            except CheckpointError as err:
+                raise ModelError(f"{what}={root} is not a model: {err}") from None
+    return None
+
+
+def model_head(path: str | Path, what: str) -> str:
+    """``"lm"`` or ``"scalar"``: the head of the checkpoint ``what=path`` names, read from the
+    Hugging Face ``config.json`` when there is one (no weights read), else by loading it."""
+    root = Path(path)
+    head = _config_head(root, what)
+    if head is not None:
+        return head
+    return "scalar" if isinstance(_load(root, what, torch.device("cpu")), LlamaScalar) else "lm"
+
+
+def check_head(path: str | Path, what: str, want: str) -> None:
+    """Stop unless ``what=path`` is a checkpoint with the ``want`` head (``"lm"`` / ``"scalar"``)."""
+    head = model_head(path, what)
+    if head != want:
+        _wrong_head(Path(path), what, head)
+
+
+def _wrong_head(path: Path, what: str, head: str) -> None:
+    if head == "scalar":
+        raise ModelError(
+            f"{what}={path} is a reward model (scalar head), not a language model: pass a "
+            "policy (pretrain, SFT, rejection sampling, PPO or DPO export)"
+        )
+    raise ModelError(
+        f"{what}={path} is a language model, not a reward model: a judge must have a scalar "
+        "head (`python src/train.py stage=reward` exports one)"
+    )
 
 
 def _tokenizer(path: Path, model: Llama | LlamaScalar, what: str) -> Tokenizer:
     try:
         tokenizer = Tokenizer(chat.find_tokenizer(path))
     except chat.ChatError as err:
-        raise EvalError(f"{what}={path}: {err}") from None
+        raise ModelError(f"{what}={path}: {err}") from None
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise EvalError(
+        raise ModelError(
             f"{what}={path}: tokenizer {tokenizer.model_path} has {tokenizer.vocab_size} pieces "
             f"but the model has {model.config.vocab_size}"
         )
@@ -78,30 +135,28 @@ def _tokenizer(path: Path, model: Llama | LlamaScalar, what: str) -> Tokenizer:
 
 
 def load_policy(
-    path: str | Path, device: torch.device | str = "cpu", what: str = "ckpt"
+    path: str | Path, device: torch.device | str | None = "cpu", what: str = "ckpt"
 ) -> tuple[Llama, Tokenizer]:
     """A language model (eval mode) and its tokenizer; ``what`` names the option in errors."""
     path = Path(path)
-    model = _load(path, what, torch.device(device))
+    if _config_head(path, what) == "scalar":  # stop before the weights are read
+        _wrong_head(path, what, "scalar")
+    model = _load(path, what, device_of(device))
     if not isinstance(model, Llama):
-        raise EvalError(
-            f"{what}={path} is a reward model (scalar head), not a language model: pass a "
-            "policy (pretrain, SFT, rejection sampling, PPO or DPO export)"
-        )
+        _wrong_head(path, what, "scalar")
     return model.eval(), _tokenizer(path, model, what)
 
 
 def load_reward_model(
-    path: str | Path, device: torch.device | str = "cpu", what: str = "judge"
+    path: str | Path, device: torch.device | str | None = "cpu", what: str = "judge"
 ) -> tuple[LlamaScalar, Tokenizer]:
     """A reward model (scalar head, eval mode) and its tokenizer."""
     path = Path(path)
-    model = _load(path, what, torch.device(device))
+    if _config_head(path, what) == "lm":  # stop before the weights are read
+        _wrong_head(path, what, "lm")
+    model = _load(path, what, device_of(device))
     if not isinstance(model, LlamaScalar):
-        raise EvalError(
-            f"{what}={path} is a language model, not a reward model: a judge must have a scalar "
-            "head (`python src/train.py stage=reward` exports one)"
-        )
+        _wrong_head(path, what, "lm")
     return model.eval(), _tokenizer(path, model, what)
 
 
@@ -114,14 +169,15 @@ def answer_dialogs(
     temperature: float = 0.0,
     seed: int = 0,
     desc: str = "answering",
+    top_p: float | None = 0.9,
 ) -> list[str]:
-    """One answer per dialog (Meta's chat format, greedy by default), in order."""
-    sampling = chat.Sampling(temperature, 0.9, max_new_tokens, seed)
+    """One answer per dialog (Meta's chat format, greedy by default), in order; earlier
+    assistant messages of a dialog are kept as they are."""
+    sampling = chat.Sampling(temperature, top_p, max_new_tokens, seed)  # type: ignore[arg-type]
     answers = chat.answer_prompts(model, tokenizer, list(dialogs), sampling, batch_size)
     return [a["response"] for a in tqdm(answers, total=len(dialogs), desc=desc, leave=False)]
 
 
-@torch.no_grad()
 def score_answers(
     reward_model: LlamaScalar,
     tokenizer: Tokenizer,
@@ -129,13 +185,74 @@ def score_answers(
     answers: Sequence[str],
     batch_size: int = 16,
 ) -> list[float]:
-    """Raw reward of each ``dialog + [assistant answer]`` (closed by EOS, as in training); a
-    sequence longer than the model's context keeps its last ``max_seq_len`` tokens."""
-    max_len = reward_model.config.max_seq_len
-    rows = [
-        tokenizer.encode_dialog([*dialog, {"role": "assistant", "content": answer.strip() or "…"}])[
-            -max_len:
-        ]
+    """Raw reward of each ``dialog + [assistant answer]`` (:func:`reward_scores`; an empty or
+    blank answer is scored as "…")."""
+    complete = [
+        [*dialog, {"role": "assistant", "content": answer.strip() or "…"}]
         for dialog, answer in zip(dialogs, answers, strict=True)
     ]
-    return score_token_rows(reward_model, rows, tokenizer.pad_id, batch_size).tolist()
+    return reward_scores(reward_model, tokenizer, complete, batch_size).tolist()
+
+
+@torch.no_grad()
+def reward_scores(
+    model: LlamaScalar,
+    tokenizer: Tokenizer,
+    dialogs: Sequence[Sequence[Message]],
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Raw rewards ``(N,)`` of complete dialogs (ending with the assistant answer to score), as
+    :func:`score_answers`: a dialog longer than the context keeps its last ``max_seq_len`` tokens
+    (the answer and the EOS the reward is read at)."""
+    limit = model.config.max_seq_len
+    rows = [tokenizer.encode_dialog(list(d))[-limit:] for d in dialogs]
+    return score_token_rows(model, rows, tokenizer.pad_id, batch_size)
+
+
+def play_dialogs(
+    model: Llama,
+    tokenizer: Tokenizer,
+    dialogs: Sequence[tuple[str | None, Sequence[tuple[str, str | None]]]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    seed: int,
+    batch_size: int,
+) -> list[list[Message]]:
+    """Play multi-turn dialogs to the end, turn by turn, batched across dialogs.
+
+    ``dialogs[i]`` is ``(system or None, [(user text, fixed assistant reply or None), ...])``.
+    At turn ``t`` every dialog with more than ``t`` turns gets its user message; a fixed reply is
+    appended as is, otherwise the policy answers (given the dialog so far, its own earlier
+    answers included; turn ``t`` seeded ``seed + t * TURN_SEED_STRIDE``). Returns each dialog's
+    messages; the last is the policy's answer to the last turn.
+    """
+    messages: list[list[Message]] = [
+        [{"role": "system", "content": system}] if system else [] for system, _ in dialogs
+    ]
+    longest = max((len(turns) for _, turns in dialogs), default=0)
+    for t in range(longest):
+        pending = []
+        for i, (_, turns) in enumerate(dialogs):
+            if len(turns) <= t:
+                continue
+            user, fixed = turns[t]
+            messages[i].append({"role": "user", "content": user})
+            if fixed is not None:
+                messages[i].append({"role": "assistant", "content": fixed})
+            else:
+                pending.append(i)
+        answers = answer_prompts(
+            model,
+            tokenizer,
+            [messages[i] for i in pending],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + t * TURN_SEED_STRIDE,
+            batch_size=batch_size,
+        )
+        for i, answer in zip(pending, answers, strict=True):
+            messages[i].append({"role": "assistant", "content": answer.response})
+    return messages

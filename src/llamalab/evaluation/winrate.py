@@ -29,11 +29,12 @@ from llamalab import pipeline
 from llamalab.checkpoint import CheckpointError
 from llamalab.data.builtin.prompts import builtin_eval_prompts
 from llamalab.data.formats import load_prompt_records
-from llamalab.evaluation.scoring import (
-    answer_dialogs,
+from llamalab.evaluation.common import (
     check_head,
-    load_lm,
+    device_of,
+    load_policy,
     load_reward_model,
+    play_dialogs,
 )
 from llamalab.evaluation.winrate_judges import (
     OUTCOMES,
@@ -85,11 +86,16 @@ def judge_paths(opts: DictConfig, outputs_root: str | None) -> dict[str, str]:
 
 
 def answers_of(
-    path: str, option: str, prompts: list[list[Message]], opts: DictConfig, seed: int
+    path: str,
+    option: str,
+    prompts: list[list[Message]],
+    opts: DictConfig,
+    seed: int,
+    device: str | None = None,
 ) -> list[str]:
     """One model's answers to the prompts (same settings and seed for every model)."""
-    model, tokenizer = load_lm(path, option)
-    dialogs = answer_dialogs(
+    model, tokenizer = load_policy(path, device_of(device), option)
+    dialogs = play_dialogs(
         model,
         tokenizer,
         [_as_turns(p) for p in prompts],
@@ -103,7 +109,7 @@ def answers_of(
 
 
 def _as_turns(prompt: list[Message]) -> tuple[str | None, list[tuple[str, str | None]]]:
-    """A prompt (system?, user, assistant, ..., user) as ``answer_dialogs`` input: its earlier
+    """A prompt (system?, user, assistant, ..., user) as ``play_dialogs`` input: its earlier
     assistant messages are fixed replies, only the last user turn is answered."""
     system = prompt[0]["content"] if prompt and prompt[0]["role"] == "system" else None
     body = prompt[1:] if system is not None else prompt
@@ -153,17 +159,42 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     check_head(opts.baseline, "eval.baseline", "lm")
     records = held_out_prompts(opts, seed)
     prompts = [r["prompt"] for r in records]
-    policy = answers_of(str(cfg.ckpt), "ckpt", prompts, opts, seed)
-    baseline = answers_of(str(opts.baseline), "eval.baseline", prompts, opts, seed)
+    device = cfg.get("device")
+    policy = answers_of(str(cfg.ckpt), "ckpt", prompts, opts, seed, device)
+    baseline = answers_of(str(opts.baseline), "eval.baseline", prompts, opts, seed, device)
+    title = f"{cfg.ckpt} vs {opts.baseline} ({opts.get('judge', 'reward_models')})"
+    return judge_answers(opts, judges, records, policy, baseline, seed, out_dir, title, device)
+
+
+def judge_answers(
+    opts: DictConfig,
+    judges: dict[str, str],
+    records: list[dict[str, Any]],
+    policy: list[str],
+    baseline: list[str],
+    seed: int,
+    out_dir: Path,
+    title: str,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The judged half of :func:`run`: the judge (``judges``, from :func:`judge_paths`) picks the
+    better of each prompt's answers, and the ``winrate`` entry of ``results.json`` is returned
+    with ``winrate_samples.jsonl`` and ``winrate.png`` written into ``out_dir``. Callers that
+    compare several policies with one baseline answer the baseline once and call this per policy."""
+    prompts = [r["prompt"] for r in records]
     result: dict[str, Any] = {"judge": opts.get("judge", "reward_models")}
     if result["judge"] == "model":
-        judge = load_lm(judges["eval.judge_model"], "eval.judge_model")
+        judge = load_policy(judges["eval.judge_model"], device_of(device), "eval.judge_model")
         judged = model_judge_margins(judge, prompts, policy, baseline)
         margins = judged["margins"]
         result["position_bias"] = judged["position_bias"]
     else:
-        helpful = load_reward_model(judges["eval.judge_helpful"], "eval.judge_helpful")
-        safety = load_reward_model(judges["eval.judge_safety"], "eval.judge_safety")
+        helpful = load_reward_model(
+            judges["eval.judge_helpful"], device_of(device), "eval.judge_helpful"
+        )
+        safety = load_reward_model(
+            judges["eval.judge_safety"], device_of(device), "eval.judge_safety"
+        )
         flags = [bool(r["is_safety"]) for r in records]
         margins = reward_model_margins(prompts, flags, policy, baseline, helpful, safety)
     tie_margin = float(opts.get("tie_margin", 0.1))
@@ -181,5 +212,5 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         for r, a, b, m, v in zip(records, policy, baseline, margins, verdicts):
             row = {"prompt": r["prompt"], "kind": r["kind"], "policy": a, "baseline": b}
             f.write(json.dumps({**row, "margin": m, "outcome": OUTCOMES[1 - v]}) + "\n")
-    plot_bars(result, out_dir / "winrate.png", f"{cfg.ckpt} vs {opts.baseline} ({result['judge']})")
+    plot_bars(result, out_dir / "winrate.png", title)
     return result

@@ -28,7 +28,7 @@ import torch
 
 from llamalab.data.labels import IGNORE_INDEX
 from llamalab.data.preference import encode_answer, pad_rows
-from llamalab.evaluation.scoring import reward_scores
+from llamalab.evaluation.common import reward_scores
 from llamalab.model import Llama, LlamaScalar
 from llamalab.rlhf.losses import sequence_logprobs
 from llamalab.tokenizer import Message, Tokenizer
