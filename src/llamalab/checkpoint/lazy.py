@@ -43,7 +43,8 @@ def _safetensors_files(root: Path) -> list[Path]:
 
 class LazyCheckpoint(Mapping[str, torch.Tensor]):
     """The tensors of the checkpoint at ``path`` (module docstring), with :meth:`shape` (reads
-    nothing) and :meth:`rows` (reads only those rows where the format is memory-mapped)."""
+    nothing), :meth:`rows` and :meth:`piece` (read only those rows / columns where the format is
+    memory-mapped)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -99,6 +100,18 @@ class LazyCheckpoint(Mapping[str, torch.Tensor]):
             return self._state[name][start:stop]
         file, hf_name = self._where[name]
         return self._files[file].get_slice(hf_name)[start:stop]
+
+    def piece(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """``self[name]`` narrowed to ``[start, stop)`` along ``dim`` (0 or 1), reading only that
+        piece from a memory-mapped safetensors file (a tensor-parallel rank's slice)."""
+        if self._state is not None:  # a fresh tensor: the whole state may be dropped after
+            return self._state[name].narrow(dim, start, stop - start).clone()
+        if dim == 0:
+            return self.rows(name, start, stop)
+        if self._meta is None:
+            file, hf_name = self._where[name]
+            return self._files[file].get_slice(hf_name)[:, start:stop]
+        return self[name].narrow(dim, start, stop - start).clone()
 
     def _names(self) -> Mapping[str, Any]:
         if self._meta is not None:

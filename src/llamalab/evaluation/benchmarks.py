@@ -171,6 +171,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         batch_size=ev.get("batch_size", 8),
         device=str(device_of(cfg.get("device"))),
         max_gen_toks=ev.get("max_gen_toks", 256),
+        tp_size=ev.get("tp_size", 1),
     )
     results: dict[str, Any] = {}
     configs: dict[str, Any] = {"n-shot": {}, "versions": {}, "higher_is_better": {}}
@@ -194,8 +195,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             )
         except ConnectionError as err:
             raise EvalError(f"tasks {tasks}: a dataset could not be fetched: {err}") from None
-        if out is None:  # ranks > 0: rank 0 holds the gathered results
-            continue
+        if out is None or lm.global_rank != 0:  # rank 0 holds the gathered results (the
+            continue  # other ranks of its tensor-parallel group hold a copy of them)
         results.update(out["results"])
         for key in configs:
             configs[key].update(out.get(key, {}))

@@ -4,7 +4,8 @@
 - :func:`check_head`: that a path is a language model or a reward model, read from its
   ``config.json`` without loading weights, so a suite checks every path before any compute.
 - :func:`load_policy` / :func:`load_reward_model`: a language model or a reward model with its
-  tokenizer, or one :class:`ModelError` saying what the path holds instead.
+  tokenizer, or one :class:`ModelError` saying what the path holds instead; :func:`open_policy`
+  opens a language model to be read tensor by tensor (a tensor-parallel copy's slices).
 - :func:`answer_dialogs`: dialogs (message lists ending with a user turn) -> answer texts, in
   batches on the KV-cache ``generate``, with a progress bar; :func:`play_dialogs` plays
   multi-turn dialogs (fixed replies or the policy's own) turn by turn.
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from llamalab import chat, pipeline
 from llamalab.checkpoint import CheckpointError, load_model
 from llamalab.checkpoint.hf import head_from_config
+from llamalab.checkpoint.lazy import LazyCheckpoint
 from llamalab.generation import answer_prompts
 from llamalab.model import Llama, LlamaScalar
 from llamalab.stages.reward import score_token_rows
@@ -145,6 +147,26 @@ def load_policy(
     if not isinstance(model, Llama):
         _wrong_head(path, what, "scalar")
     return model.eval(), _tokenizer(path, model, what)
+
+
+def open_policy(path: str | Path, what: str = "ckpt") -> LazyCheckpoint:
+    """A language model's checkpoint opened for reading tensor by tensor (its config and head,
+    no weights read from a Hugging Face export): what a tensor-parallel copy is sliced from."""
+    path = Path(path)
+    if _config_head(path, what) == "scalar":
+        _wrong_head(path, what, "scalar")
+    try:
+        source = LazyCheckpoint(path)
+    except (CheckpointError, FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
+        raise ModelError(f"{what}={path} is not a model: {err}") from None
+    if source.head != "lm":
+        _wrong_head(path, what, "scalar")
+    return source
+
+
+def policy_tokenizer(path: str | Path, model: Llama, what: str = "ckpt") -> Tokenizer:
+    """The tokenizer of the language model at ``path`` (checked against ``model``'s vocabulary)."""
+    return _tokenizer(Path(path), model, what)
 
 
 def load_reward_model(

@@ -18,8 +18,15 @@ export: equal log-likelihoods within 1e-4, equal accuracy):
 - ``generate_until`` is greedy unless the task asks ``do_sample`` (then temperature, no top-p),
   stops at EOS, cuts at the first stop string.
 
-Data parallel: under ``torchrun`` (a ``torch.distributed`` group is initialised) each rank is one
-lm-eval rank and holds a whole model; lm-eval splits the requests and gathers the results.
+Ranks: under ``torchrun`` (a ``torch.distributed`` group is initialised) with ``tp_size=1`` each
+rank is one lm-eval rank and holds a whole model; lm-eval splits the requests and gathers the
+results. With ``tp_size=T`` consecutive groups of ``T`` ranks each hold one tensor-parallel copy
+(:func:`llamalab.scale.tensor_parallel.load_tp_copy`: every rank reads only its slices of the
+checkpoint, the whole model is never in one process); lm-eval's rank and world size are the group
+index and ``world / T``. Every rank of a group serves the same requests (the copy's all-reduces
+and logits all-gather leave identical values on each), lm-eval gathers across groups over the
+data-parallel groups (the ranks at the same place in every group), and only global rank 0
+reports results.
 """
 
 from __future__ import annotations
@@ -43,12 +50,14 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from llamalab.checkpoint.hf import LLAMA2_CHAT_TEMPLATE
-from llamalab.evaluation.common import device_of, load_policy
+from llamalab.evaluation.common import device_of, load_policy, open_policy, policy_tokenizer
 from llamalab.generation import generate
 from llamalab.model import Llama
+from llamalab.scale.tensor_parallel import check_tp, load_tp_copy, tp_and_dp_groups
 from llamalab.tokenizer import B_INST, E_INST, Tokenizer, dialog_pairs
 
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+TP_HINT = "launched as torchrun --nproc-per-node=N with N a multiple of eval.tp_size"
 _SPECIAL = re.compile(f"({re.escape(BOS_TEXT)}|{re.escape(EOS_TEXT)})")
 
 Request = tuple[tuple[str | None, str], list[int], list[int]]
@@ -65,6 +74,9 @@ class LlamalabLM(TemplateLM):
         device: ``cpu`` / ``cuda`` / ``auto``.
         max_gen_toks: default answer length of ``generate_until``.
         bos_in_rolling: score an extra BOS in ``loglikelihood_rolling`` like the ``hf`` backend.
+        tp_size: ranks per tensor-parallel copy (``eval.tp_size``; module docstring). Checked
+            against the world size and the model's heads, KV heads and FFN before any weight is
+            read; needs ``pretrained``.
     """
 
     def __init__(
@@ -76,11 +88,19 @@ class LlamalabLM(TemplateLM):
         device: str | None = None,
         max_gen_toks: int = 256,
         bos_in_rolling: bool = False,
+        tp_size: int = 1,
     ) -> None:
         super().__init__()
+        self.global_rank, world = 0, 1
         if dist.is_available() and dist.is_initialized():
-            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
-        if model is None or tokenizer is None:
+            self.global_rank, world = dist.get_rank(), dist.get_world_size()
+        self.tp_size, self._dp_group = int(tp_size), None
+        self._rank, self._world_size = self.global_rank, world
+        if self.tp_size != 1:
+            if pretrained is None:
+                raise ValueError("LlamalabLM with tp_size > 1 needs pretrained=PATH")
+            model, tokenizer = self._load_tp(pretrained, device_of(device), world)
+        elif model is None or tokenizer is None:
             if pretrained is None:
                 raise ValueError("LlamalabLM needs pretrained=PATH or a model and a tokenizer")
             model, tokenizer = load_policy(pretrained, device_of(device))
@@ -89,6 +109,16 @@ class LlamalabLM(TemplateLM):
         self.batch_size = 8 if batch_size in ("auto", None) else int(batch_size)
         self.max_gen_toks, self.bos_in_rolling = int(max_gen_toks), bool(bos_in_rolling)
         self.max_length = model.config.max_seq_len
+
+    def _load_tp(self, path: str, device: torch.device, world: int) -> tuple[Llama, Tokenizer]:
+        """This rank's slices of the model at ``path`` (checked first), its groups and ranks."""
+        source = open_policy(path)
+        check_tp(source.config, self.tp_size, world, "eval.tp_size", TP_HINT)
+        tp_group, self._dp_group = tp_and_dp_groups(self.tp_size)
+        tp_rank = self.global_rank % self.tp_size
+        self._rank, self._world_size = self.global_rank // self.tp_size, world // self.tp_size
+        model = load_tp_copy(source, self.tp_size, tp_rank, tp_group, device)
+        return model, policy_tokenizer(path, model)
 
     # ---------------------------------------------------------------- tokens
     @property
@@ -156,7 +186,9 @@ class LlamalabLM(TemplateLM):
         requests first (batches of similar length), results in request order."""
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglik")
+        bar = tqdm(
+            total=len(requests), disable=disable_tqdm or self.global_rank != 0, desc="loglik"
+        )
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             rows, spans = [], []
@@ -211,7 +243,9 @@ class LlamalabLM(TemplateLM):
         for i, request in enumerate(requests):
             groups[json.dumps(request.args[1], sort_keys=True, default=str)].append(i)
         results = [""] * len(requests)
-        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate")
+        bar = tqdm(
+            total=len(requests), disable=disable_tqdm or self.global_rank != 0, desc="generate"
+        )
         for members in groups.values():
             kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=EOS_TEXT)
@@ -250,14 +284,14 @@ class LlamalabLM(TemplateLM):
         if self.world_size == 1:
             return tensor
         parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor)
+        dist.all_gather(parts, tensor, group=self._dp_group)  # None: the whole world
         return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
 
     def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
         if self.world_size == 1:
             return [obj]
         every: list[Any] = [None] * self.world_size
-        dist.all_gather_object(every, obj)
+        dist.all_gather_object(every, obj, group=self._dp_group)
         return every
 
     def barrier(self) -> None:

@@ -109,6 +109,12 @@ def log_wandb(cfg: DictConfig, out_dir: Path, results: dict, tables: dict[str, l
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run ``cfg.eval.suite`` on ``cfg.ckpt`` (module docstring); returns results.json's dict."""
     module = suite_module(cfg.eval.suite)  # a bad suite stops before anything loads
+    if int(cfg.eval.get("tp_size", 1)) != 1 and cfg.eval.suite != "benchmarks":
+        raise EvalError(
+            f"eval.tp_size={cfg.eval.tp_size}: tensor-parallel copies serve the lm-eval suites "
+            f"(builtin, harness, llama2_benchmarks); eval={cfg.eval.suite} holds whole models "
+            "(set eval.tp_size=1)"
+        )
     rank = init_distributed(cfg.get("device"))
     out_dir = output_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,12 +31,14 @@ RoPE tables and KV cache; the plain split needs no change to the model code.
 :func:`build_tp_copy` makes the copy from a ZeRO-3 (``deepspeed.zero.GatheredParameters``),
 FSDP2 (``full_tensor``) or plain model one unit (a block, the embedding, ...) at a time: each
 unit is gathered whole for a moment, each rank keeps its slice, the unit is released, so no rank
-ever holds more than the copy plus one whole unit.
+ever holds more than the copy plus one whole unit. :func:`load_tp_copy` makes the same copy
+from a checkpoint on disk, each rank reading only its slices (evaluation: ``eval.tp_size``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,12 +46,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from llamalab.checkpoint.lazy import LazyCheckpoint
 from llamalab.model import Llama, LlamaConfig
 from llamalab.model.linear import Linear
 from llamalab.scale.build import gathered, outside_zero_init, units
 from llamalab.scale.plan_gen import tp_copy_bytes
 
-__all__ = ["TPLlama", "build_tp_copy", "check_tp", "tp_copy_bytes"]
+__all__ = ["TPLlama", "build_tp_copy", "check_tp", "load_tp_copy", "slice_rule", "tp_copy_bytes"]
 
 COLUMN = ("wq", "wk", "wv", "w1", "w3")  # output features split: whole heads / FFN columns
 ROW = ("wo", "w2")  # input features split, then all-reduce
@@ -59,8 +62,15 @@ class TPError(ValueError):
     """A model or world that cannot be split at the requested tensor-parallel size."""
 
 
-def check_tp(config: LlamaConfig, tp: int, world: int = 1) -> None:
-    """Refuse a TP size that does not divide the heads, KV heads, FFN width or the world."""
+def check_tp(
+    config: LlamaConfig,
+    tp: int,
+    world: int = 1,
+    option: str = "stage.rollout_tp_size",
+    hint: str = "or stage.rollout_engine=gather|layerwise",
+) -> None:
+    """Refuse a TP size that does not divide the heads, KV heads, FFN width or the world; the
+    message names ``option`` (the setting that chose ``tp``) and ends with ``hint``."""
     problems = []
     if tp < 1:
         problems.append(f"the TP size must be >= 1, got {tp}")
@@ -76,9 +86,7 @@ def check_tp(config: LlamaConfig, tp: int, world: int = 1) -> None:
             problems.append(f"the world size ({world}) is not divisible by the TP size {tp}")
     if problems:
         raise TPError(
-            "stage.rollout_tp_size: "
-            + "; ".join(problems)
-            + " (choose a TP size dividing them, or stage.rollout_engine=gather|layerwise)"
+            f"{option}: " + "; ".join(problems) + f" (choose a TP size dividing them, {hint})"
         )
 
 
@@ -143,16 +151,33 @@ def _local_name(name: str) -> str:
     return name
 
 
+def slice_rule(
+    name: str, shape: Sequence[int], tp: int, rank: int, vocab_parallel: bool
+) -> tuple[int, int, int] | None:
+    """Where rank ``rank``'s piece of the whole tensor ``name`` (of ``shape``) lies:
+    ``(dim, start, stop)``, or None when every rank keeps it whole (the one slicing rule, used on
+    gathered tensors and on tensors read from a file alike; pieces as ``torch.chunk`` cuts)."""
+    layer = name.split(".")[-2] if "." in name else ""
+    if layer in COLUMN or (name == "output.weight" and vocab_parallel):
+        dim = 0
+    elif layer in ROW:
+        dim = 1
+    else:
+        return None
+    size = -(-shape[dim] // tp)
+    start = min(rank * size, shape[dim])
+    return dim, start, min(start + size, shape[dim])
+
+
 def local_slice(
     name: str, full: torch.Tensor, tp: int, rank: int, vocab_parallel: bool
 ) -> torch.Tensor:
     """Rank ``rank``'s piece of the whole tensor ``full`` named ``name`` (a view)."""
-    layer = name.split(".")[-2] if "." in name else ""
-    if layer in COLUMN or (name == "output.weight" and vocab_parallel):
-        return full.chunk(tp, 0)[rank]
-    if layer in ROW:
-        return full.chunk(tp, 1)[rank]
-    return full
+    where = slice_rule(name, full.shape, tp, rank, vocab_parallel)
+    if where is None:
+        return full
+    dim, start, stop = where
+    return full.narrow(dim, start, stop - start)
 
 
 def _skeleton(config: LlamaConfig, tp: int, group: Any, vocab_parallel: bool) -> TPLlama:
@@ -207,6 +232,13 @@ def build_tp_copy(
                 out = piece.to(device=device or full.device, dtype=dtype or full.dtype)
                 # a copy of the slice: DeepSpeed frees or reuses the gathered buffer
                 state[_local_name(prefix + name)] = out.clone() if out is piece else out
+    return _finish(copy, state, config, tp, rank)
+
+
+def _finish(
+    copy: TPLlama, state: dict[str, torch.Tensor], config: LlamaConfig, tp: int, rank: int
+) -> TPLlama:
+    """Assign the local tensors to the meta skeleton; the RoPE tables and the local config."""
     copy.load_state_dict(state, strict=True, assign=True)
     state.clear()
     first = next(copy.parameters())
@@ -214,6 +246,39 @@ def build_tp_copy(
     copy.config = LocalConfig(config, tp)  # type: ignore[assignment]
     copy.tp_rank, copy.tp_size = rank, tp
     return copy.eval()
+
+
+@torch.no_grad()
+def load_tp_copy(
+    source: str | Path | LazyCheckpoint,
+    tp: int,
+    rank: int,
+    group: Any,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> TPLlama:
+    """Rank ``rank``'s TP copy read straight from a checkpoint, never the whole model in memory.
+
+    From a Hugging Face export (or a run directory's ``export/``) each tensor's slice is read
+    from the memory-mapped safetensors (``safe_open(...).get_slice``) by :func:`slice_rule`, so a
+    rank reads and holds only its copy: ``1/tp`` of the blocks and head plus the embedding and
+    norms. A Meta directory is read one merged tensor at a time; other formats are loaded whole
+    first (:class:`~llamalab.checkpoint.lazy.LazyCheckpoint`). ``dtype=None`` keeps the stored
+    dtype. Equal to :func:`build_tp_copy` of the loaded model, tensor for tensor.
+    """
+    source = source if isinstance(source, LazyCheckpoint) else LazyCheckpoint(source)
+    config = source.config
+    if source.head != "lm":
+        raise TPError(f"{source.path}: a tensor-parallel copy needs a language model")
+    check_tp(config, tp, tp)
+    vocab_parallel = config.vocab_size % tp == 0
+    copy = _skeleton(config, tp, group if tp > 1 else None, vocab_parallel)
+    state: dict[str, torch.Tensor] = {}
+    for name in source:
+        where = slice_rule(name, source.shape(name), tp, rank, vocab_parallel)
+        piece = source[name] if where is None else source.piece(name, *where)
+        state[_local_name(name)] = piece.to(device=device, dtype=dtype or piece.dtype)
+    return _finish(copy, state, config, tp, rank)
 
 
 def resident_bytes(model: nn.Module) -> int:
@@ -224,3 +289,17 @@ def resident_bytes(model: nn.Module) -> int:
 def tp_groups(world: int, tp: int) -> Sequence[Sequence[int]]:
     """Consecutive ranks form a TP group (the GPUs of one node when ``tp`` = GPUs per node)."""
     return [list(range(start, start + tp)) for start in range(0, world, tp)]
+
+
+def tp_and_dp_groups(tp: int) -> tuple[Any, Any]:
+    """This rank's TP group (consecutive ranks, :func:`tp_groups`) and its data-parallel group
+    (the ranks at the same place in every TP group), created collectively on every rank."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine: list[Any] = [None, None]
+    layouts = (tp_groups(world, tp), [list(range(j, world, tp)) for j in range(tp)])
+    for k, layout in enumerate(layouts):
+        for ranks in layout:
+            group = dist.new_group(list(ranks))  # every rank creates every group
+            if rank in ranks:
+                mine[k] = group
+    return mine[0], mine[1]
