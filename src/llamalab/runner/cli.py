@@ -27,6 +27,7 @@ USER_ERRORS = (
     ("llamalab.pipeline", "MissingInputError"),
     ("llamalab.stages.base", "NonFiniteError"),
     ("llamalab.scale.plan", "PlanError"),
+    ("llamalab.scale.tensor_parallel", "TPError"),
 )
 # A value a class refuses, a key it does not take, Lightning's rejection of a `trainer.*` value.
 REJECTED_SETTINGS = (
