@@ -1,109 +1,56 @@
-"""Pretraining data: packed fixed-length windows over the token cache, with exact resume.
+"""Pretraining data: a weighted mixture of prepared shard directories, streamed, with exact resume.
 
-LLaMA pretraining packs documents back to back (PAPER.md §2.2: sequences of 4096 tokens);
-BOS/EOS written into the token cache mark where documents meet, so windows simply tile the token
-stream: window ``i`` is ``tokens[i * seq_len : (i + 1) * seq_len]``, non-overlapping. The last
-``val_fraction`` of the windows (at least one) is the validation split, fixed by position.
+Every pretraining run reads litdata shards written by :mod:`llamalab.data.prepare`:
+``data.sources`` names prepared directories and their weights (:mod:`llamalab.data.shards`);
+without it, the built-in corpus (or ``data.path``) is prepared once into the cache through the
+same code and read as a one-source mixture. Windows of ``seq_len`` tokens tile each chunk
+(documents are packed back to back, BOS/EOS between them, PAPER.md §2.2); validation reads the
+held-out split declared when the data was prepared.
 
 Exact resume (``ckpt_path=...``): Lightning saves ``PretrainDataModule.state_dict()`` in the
 checkpoint: the epoch and how many training windows the whole world had consumed in it. The
-training sampler draws a permutation from ``torch.Generator().manual_seed(seed + epoch)``; on
-resume it skips the consumed prefix of that permutation before sharding it over ranks, so the run
-sees exactly the windows an uninterrupted run would have seen. (With the same world size and
-batch size this is exact batch for batch; with different ones, no window of the interrupted
-epoch is repeated or skipped.)
+sampler draws epoch ``e``'s global order of windows from ``seed + e`` (for a mixture:
+:func:`llamalab.data.shards.mixture_order`); on resume it skips the consumed prefix of that
+order before dealing it over ranks, so the run sees exactly the windows an uninterrupted run
+would have seen. (With the same world size and batch size this is exact batch for batch; with
+different ones, no window of the interrupted epoch is repeated or skipped.)
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from llamalab.data.base import StageDataModule
 from llamalab.data.corpus import (
-    builtin_corpus,
     builtin_corpus_key,
     default_cache_dir,
     documents_fingerprint,
     load_builtin_tokenizer,
-    read_text_documents,
     source_fingerprint,
 )
 from llamalab.data.errors import DataError
-from llamalab.data.tokens import TokenCache, build_token_cache, file_sha256
+from llamalab.data.prepare_cache import prepare_in_cache
+from llamalab.data.shards import (
+    MixtureWindows,
+    SourceWindows,
+    check_sources,
+    check_tokenizer,
+    mixture_order,
+    read_manifest,
+    source_shares,
+    source_tokenizer,
+)
+from llamalab.data.tokens import file_sha256
 from llamalab.tokenizer import Tokenizer
 
-
-class PackedTokenDataset(Dataset[dict[str, torch.Tensor]]):
-    """Non-overlapping ``seq_len`` windows of ``tokens[start:end]`` (a leftover tail is dropped).
-
-    Items are ``{"input_ids": (seq_len,) int64, "labels": (seq_len,) int64}``, labels equal to
-    the inputs: the loss shifts them (docs/interfaces.md), so each window trains ``seq_len - 1``
-    next-token predictions.
-    """
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, start: int = 0, end: int | None = None):
-        end = len(tokens) if end is None else end
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-        if not 0 <= start <= end <= len(tokens):
-            raise ValueError(f"bad token range [{start}, {end}) for {len(tokens)} tokens")
-        self.tokens, self.seq_len, self.start, self.end = tokens, seq_len, start, end
-
-    def __len__(self) -> int:
-        return (self.end - self.start) // self.seq_len
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"window {index} out of range ({len(self)} windows)")
-        first = self.start + index * self.seq_len
-        window = torch.from_numpy(
-            np.asarray(self.tokens[first : first + self.seq_len], dtype=np.int64)
-        )
-        return {"input_ids": window, "labels": window.clone()}
-
-    def __getstate__(self) -> dict[str, Any]:
-        # A pickled np.memmap copies its whole content: send spawned workers the file instead.
-        state = self.__dict__.copy()
-        if isinstance(self.tokens, np.memmap) and self.tokens.filename:
-            state["tokens"] = (self.tokens.filename, self.tokens.dtype.str, len(self.tokens))
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["tokens"], tuple):
-            filename, dtype, length = state["tokens"]
-            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=(length,))
-        self.__dict__.update(state)
-
-
-def split_windows(n_tokens: int, seq_len: int, val_fraction: float) -> tuple[range, range]:
-    """Token ranges ``(train, val)``: whole windows, validation the last ones.
-
-    ``round(n_windows * val_fraction)`` windows (at least one when ``val_fraction > 0``) go to
-    validation. Raises DataError when not one training (and one validation) window fits.
-    """
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    n_windows = n_tokens // seq_len
-
-    def n_val_windows(n: int) -> int:
-        return 0 if val_fraction == 0 else max(1, round(n * val_fraction))
-
-    if n_windows - n_val_windows(n_windows) < 1:
-        needed = next(n for n in range(1, 10**9) if n - n_val_windows(n) >= 1)
-        raise DataError(
-            f"the corpus has {n_tokens} tokens; seq_len={seq_len} with val_fraction={val_fraction} "
-            f"needs at least {needed * seq_len} ({needed} windows: one or more for training"
-            f"{' and one for validation' if val_fraction else ''})"
-        )
-    split = (n_windows - n_val_windows(n_windows)) * seq_len
-    return range(0, split), range(split, n_windows * seq_len)
+log = logging.getLogger("llamalab")
 
 
 class ResumableSampler(DistributedSampler):
@@ -162,25 +109,53 @@ class ResumableDataLoader(DataLoader):
         del state_dict  # nothing to restore here: see PretrainDataModule.load_state_dict
 
 
+class MixtureSampler(ResumableSampler):
+    """``ResumableSampler`` whose epoch order is the weighted mixture of several sources
+    (:func:`llamalab.data.shards.mixture_order`); ``on_epoch(epoch, shares)`` hears the share
+    of each source in the epoch it starts."""
+
+    def __init__(
+        self,
+        sizes: list[int],
+        weights: list[float],
+        on_epoch: Callable[[int, list[float]], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(sum(sizes), **kwargs)
+        self.sizes, self.weights, self.on_epoch = sizes, weights, on_epoch
+
+    def global_order(self, epoch: int) -> torch.Tensor:
+        order = mixture_order(self.sizes, self.weights, self.seed, epoch)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, source_shares(order, self.sizes))
+        return order
+
+
 class PretrainDataModule(StageDataModule):
-    """Packed pretraining windows from the built-in corpus or the user's text.
+    """Packed pretraining windows streamed from prepared shards.
 
     Args:
-        path: text to pretrain on (formats: ``llamalab.data.corpus``); None = built-in corpus.
-        tokenizer_path: a SentencePiece ``.model``; None = the built-in tokenizer of
-            ``vocab_size`` pieces, trained on the built-in corpus once and cached.
-        vocab_size: pieces of the built-in tokenizer (SentencePiece accepts at most about
-            31,000 on the built-in corpus); ignored when ``tokenizer_path`` is given.
+        sources: prepared directories to mix, ``[{path: DIR, weight: W}, ...]`` (weights > 0,
+            relative; a source is up-sampled when its share exceeds its size's). None = the
+            built-in corpus, or ``path``, prepared into the cache.
+        path: raw text to prepare into the cache and train on (formats:
+            :mod:`llamalab.data.text_stream`); ignored when ``sources`` is set.
+        tokenizer_path: a SentencePiece ``.model``; None = the one ``sources[0]`` was prepared
+            with, else the built-in tokenizer of ``vocab_size`` pieces (trained once, cached).
+        vocab_size: pieces of the built-in tokenizer.
         seq_len: tokens per window (PAPER.md: 4096; the CPU sizes use less).
         batch_size: windows per micro-batch per rank.
-        val_fraction: share of the windows held out for validation (the last ones).
-        cache_dir: tokenizer and token caches; None = ``$LLAMALAB_CACHE`` or ``~/.cache/llamalab``.
-        num_workers: DataLoader workers (0 is fine: items are memory-map slices).
-        seed: seeds the per-epoch shuffle of the training windows.
+        val_fraction: documents held out for validation when the built-in corpus or ``path``
+            is prepared (prepared ``sources`` carry their own split).
+        cache_dir: tokenizer and prepared-data cache; None = ``$LLAMALAB_CACHE`` or
+            ``~/.cache/llamalab``.
+        num_workers: DataLoader workers.
+        seed: seeds the per-epoch order of the training windows.
     """
 
     def __init__(
         self,
+        sources: list[dict[str, Any]] | None = None,
         path: str | None = None,
         tokenizer_path: str | None = None,
         vocab_size: int = 4096,
@@ -192,14 +167,15 @@ class PretrainDataModule(StageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        self.sources = check_sources(sources) if sources is not None else None
         self.path, self.tokenizer_path, self.vocab_size = path, tokenizer_path, vocab_size
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.num_workers, self.seed = num_workers, seed
         self._tokenizer: Tokenizer | None = None
-        self.cache: TokenCache | None = None
-        self.train_set: PackedTokenDataset | None = None
-        self.val_set: PackedTokenDataset | None = None
+        self.mixture: list[tuple[str, float]] = []
+        self.train_set: MixtureWindows | None = None
+        self.val_set: MixtureWindows | None = None
         self._resume: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- preparation
@@ -209,42 +185,67 @@ class PretrainDataModule(StageDataModule):
         return self._tokenizer
 
     def load_tokenizer(self) -> Tokenizer:
-        """The tokenizer this module uses (trains the built-in one if not cached yet)."""
+        """``tokenizer_path``, else the first source's, else the built-in one (trained once)."""
         if self.tokenizer_path is not None:
             return Tokenizer(self.tokenizer_path)
+        if self.sources is not None:
+            first = self.sources[0][0]
+            read_manifest(first)  # a missing or unfinished source is named first
+            return Tokenizer(source_tokenizer(first))
         return load_builtin_tokenizer(self.vocab_size, self.cache_root)
 
-    def _build_cache(self, tokenizer: Tokenizer) -> TokenCache:
+    def _prepared(self, tokenizer: Tokenizer) -> list[tuple[str, float]]:
+        """``(directory, weight)`` of every source, preparing the built-in corpus or ``path``
+        into the cache first (once: a finished preparation is reused)."""
+        if self.sources is not None:
+            return self.sources
         if self.path is None:
-            documents = builtin_corpus()
-            fingerprint = f"{builtin_corpus_key()}:{documents_fingerprint(documents)}"
-            source: Any = documents
+            name, key = "builtin", builtin_corpus_key()
         else:
-            path = self.path
-            fingerprint = source_fingerprint(path) or documents_fingerprint(
-                read_text_documents(path)
-            )
-            source = lambda: read_text_documents(path)  # noqa: E731 - read only on a rebuild
-        key = documents_fingerprint([fingerprint, file_sha256(tokenizer.model_path)])[:16]
-        name = "builtin" if self.path is None else Path(self.path.removeprefix("hf:")).name
-        return build_token_cache(
-            source, tokenizer, self.cache_root / "tokens" / f"{name}-{key}", fingerprint
-        )
+            name = Path(self.path.removeprefix("hf:")).name
+            key = source_fingerprint(self.path) or self.path
+        sha = file_sha256(tokenizer.model_path)
+        digest = documents_fingerprint([key, sha, repr(self.val_fraction)])[:16]
+        out = self.cache_root / "data" / f"{name}-{digest}"
+        prepare_in_cache(self.path, out, tokenizer, self.val_fraction)
+        return [(str(out), 1.0)]
 
     def prepare_data(self) -> None:
-        """Train/cache the tokenizer and tokenise the corpus (Lightning runs it on rank 0)."""
-        self._build_cache(self.load_tokenizer())
+        """Train/cache the tokenizer and prepare the built-in corpus or ``path`` (Lightning
+        runs it on each node's first rank)."""
+        self._prepared(self.load_tokenizer())
+
+    def validate(self) -> dict[str, Any]:
+        """Prepared sources: each finished, and made with this run's tokenizer."""
+        if self.sources is None:
+            return {}
+        tokenizer = self.load_tokenizer()
+        sha = file_sha256(tokenizer.model_path)
+        for path, _ in self.sources:
+            check_tokenizer(path, read_manifest(path), sha, str(tokenizer.model_path))
+        return {"sources": len(self.sources)}
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the tokenizer and token cache (reused: built by ``prepare_data``) and split."""
+        """Open every source's train and validation windows (built by ``prepare_data``)."""
         if self.train_set is not None:
             return
-        self._tokenizer = self.load_tokenizer()
-        self.cache = self._build_cache(self._tokenizer)
-        train, val = split_windows(self.cache.n_tokens, self.seq_len, self.val_fraction)
-        tokens = self.cache.tokens
-        self.train_set = PackedTokenDataset(tokens, self.seq_len, train.start, train.stop)
-        self.val_set = PackedTokenDataset(tokens, self.seq_len, val.start, val.stop)
+        tokenizer = self._tokenizer = self.load_tokenizer()
+        sha = file_sha256(tokenizer.model_path)
+        self.mixture = self._prepared(tokenizer)
+        train, val = [], []
+        for path, _ in self.mixture:
+            manifest = read_manifest(path)
+            check_tokenizer(path, manifest, sha, str(tokenizer.model_path))
+            train.append(SourceWindows(path, manifest, "train", self.seq_len))
+            val.append(SourceWindows(path, manifest, "val", self.seq_len))
+            if len(train[-1]) == 0:
+                tokens = manifest["totals"]["train"]["tokens"]
+                raise DataError(
+                    f"{tokens} training tokens: not one window of seq_len={self.seq_len} "
+                    "(each litdata chunk holds whole windows only)",
+                    path=path,
+                )
+        self.train_set, self.val_set = MixtureWindows(train), MixtureWindows(val)
 
     # ---------------------------------------------------------------- loaders
     def train_dataloader(self) -> DataLoader:
@@ -255,18 +256,46 @@ class PretrainDataModule(StageDataModule):
                 f"{len(self.train_set)} training windows of {self.seq_len} tokens cannot fill one "
                 f"batch of {self.batch_size} on each of {world_size} ranks"
             )
-        sampler = ResumableSampler(
-            len(self.train_set), num_replicas=world_size, rank=rank, seed=self.seed
+        sampler = MixtureSampler(
+            self.train_set.sizes,
+            [w for _, w in self.mixture],
+            self._log_shares,
+            num_replicas=world_size,
+            rank=rank,
+            seed=self.seed,
         )
         self._apply_resume(sampler)
         return self._loader(self.train_set, ResumableDataLoader, sampler=sampler, drop_last=True)
+
+    def _log_shares(self, epoch: int, shares: list[float]) -> None:
+        """The epoch's drawn share of each source, beside its weight: to the log and the
+        run's loggers (``data/share/<source>``)."""
+        total = sum(w for _, w in self.mixture)
+        names = [Path(p).name for p, _ in self.mixture]
+        log.info(
+            "data mixture, epoch %d: %s",
+            epoch,
+            ", ".join(
+                f"{n} {s:.3f} (weight {w / total:.3f})"
+                for n, s, (_, w) in zip(names, shares, self.mixture)
+            ),
+        )
+        trainer = self.trainer
+        if trainer is not None and getattr(trainer, "loggers", None):
+            metrics = {f"data/share/{n}": s for n, s in zip(names, shares)}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
     def _apply_resume(self, sampler: ResumableSampler) -> None:
         """Hand a checkpoint's data position (``load_state_dict``) to the sampler, once."""
         state, self._resume = self._resume, {}
         if not state:
             return
-        if (state.get("seed"), state.get("n_windows")) != (self.seed, sampler.n_items):
+        if (state.get("seed"), state.get("n_windows"), state.get("mixture")) != (
+            self.seed,
+            sampler.n_items,
+            self._mixture_key(),
+        ):
             warnings.warn(
                 "the checkpoint's data state was saved for other data or another seed: "
                 "the interrupted epoch restarts from its beginning",
@@ -275,8 +304,15 @@ class PretrainDataModule(StageDataModule):
             return
         sampler.resume_epoch, sampler.skip_samples = state["epoch"], state["samples_consumed"]
 
-    def val_dataloader(self) -> DataLoader:
+    def _mixture_key(self) -> list[list[Any]]:
+        sizes = self.train_set.sizes if self.train_set is not None else []
+        return [[Path(p).name, w, n] for (p, w), n in zip(self.mixture, sizes)]
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Every source's held-out windows in order (none: no validation)."""
         assert self.val_set is not None, "call setup() first"
+        if len(self.val_set) == 0:
+            return []
         return self._loader(self.val_set, DataLoader, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, loader: type[DataLoader], **kwargs: Any) -> DataLoader:
@@ -309,6 +345,7 @@ class PretrainDataModule(StageDataModule):
             "samples_consumed": batches * self.batch_size * trainer.world_size,
             "seed": self.seed,
             "n_windows": len(self.train_set),
+            "mixture": self._mixture_key(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
