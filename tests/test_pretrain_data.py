@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import lightning as L
@@ -21,12 +20,8 @@ from llamalab.data.corpus import (
     source_fingerprint,
 )
 from llamalab.data.errors import DataError
-from llamalab.data.pretrain import (
-    PackedTokenDataset,
-    PretrainDataModule,
-    ResumableSampler,
-    split_windows,
-)
+from llamalab.data.pretrain import PretrainDataModule, ResumableSampler
+from llamalab.data.shards import read_manifest
 from llamalab.data.stdlib_docs import python_key
 from llamalab.data.tokens import MANIFEST_FILE, TOKENS_FILE, build_token_cache
 from llamalab.tokenizer import Tokenizer
@@ -189,39 +184,6 @@ def test_token_cache_rebuilds_for_another_tokenizer(tok: Tokenizer, tmp_path: Pa
 
 
 # ------------------------------------------------------------------ windows
-def test_packed_windows_tile_the_stream() -> None:
-    tokens = np.arange(100, dtype=np.uint16)
-    ds = PackedTokenDataset(tokens, seq_len=8, start=16, end=45)
-    assert len(ds) == 3  # 29 tokens: three windows, a 5-token tail dropped
-    item = ds[1]
-    assert item["input_ids"].dtype == torch.int64
-    assert item["input_ids"].tolist() == list(range(24, 32))
-    assert torch.equal(item["labels"], item["input_ids"])
-    with pytest.raises(IndexError):
-        ds[3]
-
-
-def test_packed_dataset_pickles_a_memmap_by_file(tmp_path: Path) -> None:
-    np.arange(50, dtype=np.uint16).tofile(tmp_path / "t.bin")
-    tokens = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="r", shape=(50,))
-    ds = PackedTokenDataset(tokens, seq_len=10)
-    payload = pickle.dumps(ds)
-    assert len(payload) < 400  # the file name travels, not the tokens
-    assert pickle.loads(payload)[4]["input_ids"].tolist() == list(range(40, 50))
-
-
-def test_split_windows_positions_and_errors() -> None:
-    train, val = split_windows(1000, 100, 0.2)
-    assert (train, val) == (range(0, 800), range(800, 1000))
-    train, val = split_windows(250, 100, 0.01)  # at least one validation window
-    assert (train, val) == (range(0, 100), range(100, 200))
-    assert split_windows(250, 100, 0.0) == (range(0, 200), range(200, 200))
-    with pytest.raises(DataError, match=r"has 150 tokens.*needs at least 200"):
-        split_windows(150, 100, 0.05)
-    with pytest.raises(DataError, match=r"has 0 tokens.*needs at least 100"):
-        split_windows(0, 100, 0.0)
-
-
 def test_resumable_sampler_shuffles_shards_and_skips() -> None:
     full = ResumableSampler(10, seed=3)
     epoch0 = list(full)
@@ -270,43 +232,46 @@ def _fit(dm: PretrainDataModule, root: Path, max_steps: int, ckpt: str | None = 
     return module
 
 
-@pytest.fixture
-def user_corpus(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def user_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     lines = builtin_corpus()[200:240]  # about 10,000 characters of docstrings
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    return tmp_path / "corpus.jsonl"
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    return path
 
 
-def test_datamodule_prepares_and_loads(tok: Tokenizer, user_corpus: Path, tmp_path: Path) -> None:
+def test_datamodule_prepares_and_loads(tok: Tokenizer, user_corpus: Path) -> None:
+    """``data.path`` is prepared into the cache (once) and streamed like any prepared source."""
+    cache = user_corpus.parent / "cache"
     dm = PretrainDataModule(
         path=str(user_corpus), tokenizer_path=str(tok.model_path), seq_len=32, batch_size=4,
-        val_fraction=0.1, cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.1, cache_dir=str(cache),
     )  # fmt: skip
     assert dm.load_tokenizer().vocab_size == 400
     dm.prepare_data()
     dm.setup("fit")
-    assert dm.tokenizer is not None and dm.cache is not None
-    assert dm.cache.tokens[0] == tok.bos_id
-    n_windows = dm.cache.n_tokens // 32
-    assert (
-        len(dm.val_set) == round(n_windows * 0.1)
-        and len(dm.train_set) + len(dm.val_set) == n_windows
-    )
+    assert dm.tokenizer is not None and dm.train_set is not None and dm.val_set is not None
+    (prepared,) = (cache / "data").glob("corpus.jsonl-*")
+    manifest = read_manifest(str(prepared))
+    totals = manifest["totals"]
+    assert totals["train"]["documents"] + totals["val"]["documents"] == 40
+    assert totals["val"]["documents"] >= 1  # held out by document, at preparation
+    assert len(dm.train_set) == totals["train"]["tokens"] // 32  # one chunk: whole windows
+    first = dm.train_set[0]["input_ids"]
+    assert first[0] == tok.bos_id and first.dtype == torch.int64
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 32)
-    first = next(iter(dm.val_dataloader()))["input_ids"][0]
-    start = len(dm.train_set) * 32
-    assert first.tolist() == dm.cache.tokens[start : start + 32].tolist()
+    assert torch.equal(batch["input_ids"], batch["labels"])
 
 
 def test_datamodule_refuses_a_too_small_corpus(tok: Tokenizer, tmp_path: Path) -> None:
     (tmp_path / "tiny.txt").write_text("a few words only\n")
     dm = PretrainDataModule(
         path=str(tmp_path / "tiny.txt"), tokenizer_path=str(tok.model_path), seq_len=64,
-        cache_dir=str(tmp_path / "cache"),
+        val_fraction=0.0, cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     dm.prepare_data()
-    with pytest.raises(DataError, match=r"has \d+ tokens; seq_len=64 .* needs at least 128"):
+    with pytest.raises(DataError, match=r"\d+ training tokens: not one window of seq_len=64"):
         dm.setup("fit")
 
 
@@ -317,8 +282,9 @@ def test_builtin_datamodule_uses_env_cache(monkeypatch: pytest.MonkeyPatch, tmp_
     dm.setup()
     assert dm.tokenizer is not None and dm.tokenizer.vocab_size == 384
     assert builtin_tokenizer_path(384, tmp_path).is_file()
-    assert dm.cache is not None and dm.cache.cache_dir.parent == tmp_path / "tokens"
-    assert dm.cache.n_docs == len(builtin_corpus())
+    (prepared,) = (tmp_path / "data").glob("builtin-*")
+    totals = read_manifest(str(prepared))["totals"]
+    assert totals["train"]["documents"] + totals["val"]["documents"] == len(builtin_corpus())
 
 
 def test_exact_resume_mid_epoch(tok: Tokenizer, user_corpus: Path, tmp_path: Path) -> None:
@@ -326,7 +292,7 @@ def test_exact_resume_mid_epoch(tok: Tokenizer, user_corpus: Path, tmp_path: Pat
     across an epoch boundary (train windows shuffled by seed + epoch)."""
     kwargs = dict(
         path=str(user_corpus), tokenizer_path=str(tok.model_path), seq_len=64, batch_size=4,
-        val_fraction=0.1, cache_dir=str(tmp_path / "cache"), seed=7,
+        val_fraction=0.1, cache_dir=str(user_corpus.parent / "cache"), seed=7,
     )  # fmt: skip
     dm = PretrainDataModule(**kwargs)  # type: ignore[arg-type]
     dm.prepare_data()

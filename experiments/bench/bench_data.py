@@ -8,9 +8,11 @@ batches are drawn from the same DataLoader a training run uses, built the way
 ``hydra.utils.instantiate(cfg.data, tokenizer_path=...)``, then ``prepare_data`` / ``setup`` /
 ``train_dataloader``. Paths:
 
-- ``pretrain``: ``PretrainDataModule``: the built-in corpus tokenised into the memory-mapped token
-  cache (reused from ``$LLAMALAB_CACHE`` / ``paths.cache_dir``; built there if missing), packed
-  ``seq_len`` windows, the resumable sampler, default collate;
+- ``pretrain``: ``PretrainDataModule``: the built-in corpus prepared into litdata shards (reused
+  from ``$LLAMALAB_CACHE`` / ``paths.cache_dir``; prepared there if missing), ``seq_len`` windows
+  read through ``litdata.StreamingDataset``, the resumable mixture sampler, default collate;
+- ``pretrain mix``: the same shards named twice in ``data.sources`` with weights 3 and 1 (the
+  weighted mixture's path);
 - ``sft``: ``SFTDataModule`` with the built-in dialogs and the built-in tokenizer (what the SFT
   stage gets from the pretraining export): chat-format encoding with the prompt masked out of the
   labels, packing (``setup``, once per run), then the loader stacking packed rows;
@@ -21,8 +23,9 @@ batches (median of 3 passes, each starting a fresh iterator as an epoch does). `
 one optimisation step of our ``Llama`` on a batch of that loader (forward through the stage's own
 ``forward_batch``, so packed rows get their segment/position ids, ``lm_loss``, backward, AdamW
 with the stage's parameter groups), median of ``--repeats`` after one warm-up, in the same process.
-``data/step`` must be >> 1. The one-off costs (corpus collection, tokenizer, tokenisation into a
-fresh token cache, SFT encoding) are printed separately: they are paid once per run (or once ever,
+``data/step`` must be >> 1. The one-off costs (corpus collection, tokenizer, ``src/prepare.py``'s
+tokenization of a ``--corpus-mb`` corpus into fresh shards at 1 and 2 workers, SFT encoding) are
+printed separately: they are paid once per run (or once ever,
 for the cached ones), not per step.
 
     python experiments/bench/bench_data.py --quick          # tiny, 10 batches, 1 step repeat
@@ -43,13 +46,9 @@ from typing import Any
 import torch
 from common import DTYPES, alternate, machine_line, setup
 
-from llamalab.data.corpus import (
-    builtin_corpus,
-    builtin_corpus_key,
-    builtin_tokenizer_path,
-    documents_fingerprint,
-)
-from llamalab.data.tokens import build_token_cache
+from llamalab.data.corpus import builtin_corpus, builtin_tokenizer_path
+from llamalab.data.prepare import PrepareSettings, prepare_corpus
+from llamalab.data.tokens import file_sha256
 from llamalab.model import Llama
 from llamalab.optim import build_adamw, param_groups
 from llamalab.rlhf.losses import lm_loss
@@ -175,7 +174,27 @@ def measure_path(
     return row
 
 
-def one_offs(cache_dir: str, vocab_size: int) -> tuple[list[tuple[str, float, int]], str]:
+def write_corpus(root: Path, documents: list[str], megabytes: int) -> None:
+    """About ``megabytes`` of JSON lines in 4 files (so 2 workers share them): the built-in
+    documents again and again, each copy numbered (no two documents are equal)."""
+    import json
+
+    root.mkdir(parents=True)
+    target, written, copy = megabytes * 2**20, 0, 0
+    handles = [(root / f"part{i}.jsonl").open("w") for i in range(4)]
+    while written < target:
+        for i, doc in enumerate(documents):
+            line = json.dumps({"text": f"copy {copy}: {doc}"}) + "\n"
+            handles[i % 4].write(line)
+            written += len(line)
+        copy += 1
+    for handle in handles:
+        handle.close()
+
+
+def one_offs(
+    cache_dir: str, vocab_size: int, corpus_mb: int
+) -> tuple[list[tuple[str, float, int]], str]:
     """(what, seconds, tokens) of the one-off costs, and the built-in tokenizer's path."""
     from llamalab.data.corpus import load_builtin_tokenizer
 
@@ -192,13 +211,29 @@ def one_offs(cache_dir: str, vocab_size: int) -> tuple[list[tuple[str, float, in
     rows.append(
         (f"{what} built-in tokenizer ({vocab_size} pieces)", time.perf_counter() - start, 0)
     )
-    fingerprint = f"{builtin_corpus_key()}:{documents_fingerprint(documents)}"
-    with tempfile.TemporaryDirectory() as tmp:  # a fresh cache: really tokenises
-        start = time.perf_counter()
-        cache = build_token_cache(documents, tokenizer, tmp, fingerprint)
-        seconds = time.perf_counter() - start
-    rows.append(("tokenise the corpus into a fresh token cache", seconds, cache.n_tokens))
+    with tempfile.TemporaryDirectory() as tmp:  # fresh output directories: really tokenises
+        source = Path(tmp) / "corpus"
+        write_corpus(source, documents, corpus_mb)
+        settings = PrepareSettings(str(source), file_sha256(tokenizer.model_path), 0.01)
+        for workers in (1, 2):
+            start = time.perf_counter()
+            manifest = prepare_corpus(
+                settings, Path(tmp) / f"out{workers}", tokenizer, workers, verbose=False
+            )
+            seconds = time.perf_counter() - start
+            assert manifest is not None
+            tokens = manifest["totals"]["train"]["tokens"] + manifest["totals"]["val"]["tokens"]
+            rows.append(
+                (f"prepare.py: {corpus_mb} MB into shards, {workers} worker(s)", seconds, tokens)
+            )
     return rows, str(tok_file)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    cells = [r["size"], r["path"], r["shape"], str(r["workers"]), f"{r['setup_s']:.2f}"]
+    cells += [f"{r['batches_s']:.0f}", f"{r['data_tok_s']:.0f}", f"{r['step_tok_s']:.0f}"]
+    cells.append(f"{r['ratio']:.0f}x")
+    print("| " + " | ".join(cells) + " |", flush=True)
 
 
 def main() -> None:
@@ -215,10 +250,11 @@ def main() -> None:
         help="tokenizer and token caches (default: $LLAMALAB_CACHE, else the config's "
         "paths.cache_dir)",
     )
+    parser.add_argument("--corpus-mb", type=int, default=32, help="corpus prepare.py tokenizes")
     parser.add_argument("--quick", action="store_true", help="tiny, 10 batches, 1 step repeat")
     args = parser.parse_args()
     if args.quick:
-        args.sizes, args.batches, args.repeats = "tiny", 10, 1
+        args.sizes, args.batches, args.repeats, args.corpus_mb = "tiny", 10, 1, 4
     setup(args.threads)
     device = torch.device(args.device)
     print(machine_line(device))
@@ -226,7 +262,7 @@ def main() -> None:
     sizes = args.sizes.split(",")
     base = compose(["stage=pretrain", f"model={sizes[0]}", *common])
     cache_dir = str(base.paths.cache_dir)
-    offs, tokenizer_path = one_offs(cache_dir, int(base.data.vocab_size))
+    offs, tokenizer_path = one_offs(cache_dir, int(base.data.vocab_size), args.corpus_mb)
     print(f"cache {cache_dir}; dtype {args.dtype}; {args.batches} batches per pass\n")
     print("| one-off cost | s | tokens | tok/s |")
     print("|---|---|---|---|")
@@ -246,14 +282,18 @@ def main() -> None:
     rows = []
     for size in sizes:
         for path, overrides in paths.items():
+            if path == "sft":  # the built-in shards exist now: mix them with themselves
+                prepared = max(Path(cache_dir, "data").glob("builtin-*"), key=os.path.getmtime)
+                mix = f"[{{path: {prepared}, weight: 3}}, {{path: {prepared}, weight: 1}}]"
+                cfg = compose(["stage=pretrain", f"model={size}", f"data.sources={mix}", *common])
+                r = measure_path(args, size, "pretrain mix", cfg, None)
+                rows.append(r)
+                print_row(r)
             cfg = compose([*overrides, f"model={size}", *common])
             tok = None if path == "pretrain" else tokenizer_path  # pretrain: the built-in one
             r = measure_path(args, size, path, cfg, tok)
             rows.append(r)
-            cells = [r["size"], r["path"], r["shape"], str(r["workers"]), f"{r['setup_s']:.2f}"]
-            cells += [f"{r['batches_s']:.0f}", f"{r['data_tok_s']:.0f}", f"{r['step_tok_s']:.0f}"]
-            cells.append(f"{r['ratio']:.0f}x")
-            print("| " + " | ".join(cells) + " |", flush=True)
+            print_row(r)
     print(
         "\nsetup s = prepare_data + setup, once per run (pretrain: the corpus collection above "
         "is cached in-process, so not counted again); batch = rows x positions of the first batch"

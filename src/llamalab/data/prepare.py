@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,9 @@ def _prepare_part(
             num_workers=max(1, min(workers, len(indices))),
             mode="overwrite",
             verbose=verbose,
+            # fork where there is one: spawned workers would import torch and llamalab again
+            # (seconds each, minutes on a loaded machine); the workers only read and tokenize
+            start_method="fork" if sys.platform == "linux" else None,
         )
         finished = sorted(counts_dir.glob(f"{split}-*.json"))
         if len(finished) != len(indices):  # a worker died: its chunks may be incomplete

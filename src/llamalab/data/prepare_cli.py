@@ -51,13 +51,20 @@ def prepare_from_config(cfg: DictConfig) -> dict[str, Any] | None:
         tokenizer = Tokenizer(data.tokenizer_path)
     else:
         tokenizer = load_builtin_tokenizer(int(data.vocab_size), cfg.paths.cache_dir)
+    clean = clean_settings(data.get("clean"))
+    if clean and data.num_nodes > 1:
+        raise DataError(
+            "cleaning runs on one machine: prepare with data.clean on one node (or clean with "
+            "datatrove's SlurmPipelineExecutor first), then split the tokenization over nodes",
+            field="data.num_nodes",
+        )
     settings = PrepareSettings(
         source=str(data.path),
         tokenizer_sha256=file_sha256(tokenizer.model_path),
         val_fraction=float(data.val_fraction),
         chunk_tokens=int(data.chunk_tokens),
         part_bytes=int(data.part_bytes),
-        clean=clean_settings(data.get("clean")),
+        clean=clean,
     )
     out = output_path(cfg)
     manifest = prepare_corpus(
