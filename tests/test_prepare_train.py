@@ -52,6 +52,7 @@ def test_prepare_two_sources_and_pretrain_on_their_mixture_with_exact_resume(
     header = (tmp_path / "straight" / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "data/share/web" in header and "data/share/code" in header  # the drawn shares, logged
 
-    result = run_train([*overrides, "data.sources=[{path: nowhere, weight: -1}]"], cache_dir)
+    bad = [*overrides, "data.sources=[{path: nowhere, weight: -1}]", f"paths.output_dir={tmp_path / 'bad'}"]  # fmt: skip
+    result = run_train(bad, cache_dir)
     assert result.returncode == 1
     assert "data.sources[0].weight': must be positive" in result.stderr
