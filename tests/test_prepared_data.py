@@ -98,7 +98,7 @@ def test_bad_input_stops_before_tokenizing(tmp_path: Path, small_tok: Tokenizer)
         _prepare(tmp_path / "nowhere", tmp_path / "out2", small_tok)
     (src / "c.jsonl").write_text("\n".join(lines[:2]) + "\n")
     _prepare(src, tmp_path / "out3", small_tok)
-    other = Tokenizer.train(builtin_corpus()[:200], tmp_path / "other.model", 300)
+    other = Tokenizer.train(builtin_corpus()[300:600], tmp_path / "other.model", 420)
     with pytest.raises(DataError, match=r"field .tokenizer_sha256.: .* another tokenizer"):
         _prepare(src, tmp_path / "out3", other)
 
@@ -161,7 +161,7 @@ def test_bad_sources_name_the_field(sources, message: str) -> None:
 
 
 def test_training_refuses_unfinished_or_foreign_shards(prepared, small_tok, tmp_path) -> None:
-    other = Tokenizer.train(builtin_corpus()[:200], tmp_path / "other.model", 300)
+    other = Tokenizer.train(builtin_corpus()[300:600], tmp_path / "other.model", 420)
     dm = PretrainDataModule(
         sources=[{"path": str(prepared["web"]), "weight": 1}], tokenizer_path=str(other.model_path)
     )
