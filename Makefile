@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# torch pinned again so that no dependency's requirement can upgrade it to a CUDA build
 	$(PY) -m pip install -q -e ".[dev]" torch==2.13.0
+	# litdata declares torchvision (for image data, which llamalab never streams). PyPI's wheel is
+	# a CUDA build: next to the CPU torch its ops fail to register and break `import torchmetrics`
+	# (hence Lightning). The CPU path removes it; a GPU cluster keeps its matching build.
+	$(PY) -m pip uninstall -q -y torchvision
 	touch $(STAMP)
 
 install: $(STAMP)
