@@ -167,6 +167,11 @@ class PretrainDataModule(StageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        # Lightning runs prepare_data on global rank 0 only, not on each node's first rank: the
+        # cache is one directory that every node reads (a shared file system, as outputs/ is),
+        # so N nodes must not tokenize the same corpus N times into it (src/prepare.py is the
+        # step for a real corpus anyway).
+        self.prepare_data_per_node = False
         self.sources = check_sources(sources) if sources is not None else None
         self.path, self.tokenizer_path, self.vocab_size = path, tokenizer_path, vocab_size
         self.seq_len, self.batch_size, self.val_fraction = seq_len, batch_size, val_fraction
@@ -212,7 +217,7 @@ class PretrainDataModule(StageDataModule):
 
     def prepare_data(self) -> None:
         """Train/cache the tokenizer and prepare the built-in corpus or ``path`` (Lightning
-        runs it on each node's first rank)."""
+        runs it once, on global rank 0: ``prepare_data_per_node`` is False)."""
         self._prepared(self.load_tokenizer())
 
     def validate(self) -> dict[str, Any]:

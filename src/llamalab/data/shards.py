@@ -102,6 +102,17 @@ def check_tokenizer(path: str, manifest: dict[str, Any], sha256: str, tokenizer:
         )
 
 
+def windows_in(directory: str, seq_len: int) -> int:
+    """The ``seq_len`` windows of a litdata directory written with ``TokensLoader``, from its
+    ``index.json`` (each chunk's ``dim`` tokens hold ``dim // seq_len`` windows).
+
+    Not ``len(StreamingDataset)``: under ``torch.distributed`` that is this rank's share of
+    litdata's own sharding, while llamalab deals the one global order over ranks itself and
+    reads windows by their global index (``StreamingDataset[i]``)."""
+    index = json.loads((Path(directory) / "index.json").read_text())
+    return sum(int(chunk["dim"]) // seq_len for chunk in index["chunks"])
+
+
 class SourceWindows(Dataset[np.ndarray]):
     """The ``seq_len`` windows of one split of a prepared directory, part after part (litdata
     windows do not cross chunk ends: each chunk's last ``< seq_len`` tokens are not used)."""
@@ -114,7 +125,7 @@ class SourceWindows(Dataset[np.ndarray]):
             if split in part and part[split]["dir"]
         ]
         self._datasets: list[StreamingDataset] | None = None
-        self.lengths = [len(d) for d in self.datasets]
+        self.lengths = [windows_in(d, seq_len) for d in self.dirs]
         self.starts = np.cumsum([0, *self.lengths])
 
     @property
