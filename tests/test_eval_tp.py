@@ -22,6 +22,8 @@ from llamalab.evaluation.harness import LlamalabLM
 from llamalab.model import Llama, LlamaConfig
 from llamalab.scale.tensor_parallel import TPError, build_tp_copy, load_tp_copy
 
+pytestmark = [pytest.mark.distributed]
+
 GEN = [
     ("What does os.kill do?", {"until": ["@@@"], "max_gen_toks": 8, "do_sample": False}),
     ("Tell me about shutil.rmtree.", {"until": ["@@@"], "max_gen_toks": 8}),
@@ -87,7 +89,6 @@ def export(tmp_path_factory: pytest.TempPathFactory, small_tok) -> Path:
     return save_hf(model, small_tok, tmp_path_factory.mktemp("tp_eval") / "export", chat=True)
 
 
-@pytest.mark.distributed
 def test_tp2_requests_equal_the_single_process_model(export: Path, tmp_path: Path) -> None:
     mp.spawn(_worker, args=(_free_port(), str(export), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
