@@ -1,4 +1,4 @@
-"""Pretraining data: reading user text, the token cache, packed windows and exact resume."""
+"""Pretraining data: reading user text, packed windows of prepared shards and exact resume."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 
@@ -23,7 +22,6 @@ from llamalab.data.errors import DataError
 from llamalab.data.pretrain import PretrainDataModule, ResumableSampler
 from llamalab.data.shards import read_manifest
 from llamalab.data.stdlib_docs import python_key
-from llamalab.data.tokens import MANIFEST_FILE, TOKENS_FILE, build_token_cache
 from llamalab.tokenizer import Tokenizer
 
 DOCS = [
@@ -131,56 +129,6 @@ def test_builtin_corpus_and_tokenizer_cache(tmp_path: Path) -> None:
     mtime = path.stat().st_mtime_ns
     assert load_builtin_tokenizer(512, tmp_path).vocab_size == 512
     assert path.stat().st_mtime_ns == mtime  # loaded, not retrained
-
-
-# ------------------------------------------------------------------ token cache
-def test_token_cache_round_trip(tok: Tokenizer, tmp_path: Path) -> None:
-    cache = build_token_cache(DOCS, tok, tmp_path, "fp-1")
-    assert cache.tokens.dtype == np.uint16 and isinstance(cache.tokens, np.memmap)
-    assert cache.n_docs == 3 and cache.offsets[-1] == cache.n_tokens == len(cache.tokens)
-    for i, doc in enumerate(DOCS):
-        ids = cache.document(i).tolist()
-        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
-        assert ids[1:-1] == tok.encode(doc)
-        assert tok.decode(ids) == doc
-    manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
-    assert manifest["fingerprint"] == "fp-1" and manifest["n_tokens"] == cache.n_tokens
-
-
-def test_token_cache_is_reused_without_reading_documents(tok: Tokenizer, tmp_path: Path) -> None:
-    build_token_cache(DOCS, tok, tmp_path, "fp-1")
-    mtime = (tmp_path / TOKENS_FILE).stat().st_mtime_ns
-
-    def must_not_be_read() -> list[str]:
-        raise AssertionError("a valid cache was rebuilt")
-
-    cache = build_token_cache(must_not_be_read, tok, tmp_path, "fp-1")
-    assert cache.n_docs == 3 and (tmp_path / TOKENS_FILE).stat().st_mtime_ns == mtime
-
-
-def test_token_cache_rebuilds_on_mismatch_missing_or_truncated(
-    tok: Tokenizer, tmp_path: Path
-) -> None:
-    build_token_cache(DOCS, tok, tmp_path, "fp-1")
-    assert build_token_cache(DOCS[:1], tok, tmp_path, "fp-2").n_docs == 1  # other inputs
-    (tmp_path / MANIFEST_FILE).unlink()  # a killed build leaves no manifest
-    assert build_token_cache(DOCS[:2], tok, tmp_path, "fp-2").n_docs == 2
-    with open(tmp_path / TOKENS_FILE, "r+b") as f:  # truncated data under a valid manifest
-        f.truncate(4)
-    rebuilt = build_token_cache(DOCS[:2], tok, tmp_path, "fp-2")
-    assert rebuilt.document(1)[1:-1].tolist() == tok.encode(DOCS[1])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "manifest.json",
-        "offsets.bin",
-        "tokens.bin",
-    ]
-
-
-def test_token_cache_rebuilds_for_another_tokenizer(tok: Tokenizer, tmp_path: Path) -> None:
-    build_token_cache(DOCS, tok, tmp_path / "c", "fp")
-    other = Tokenizer.train(builtin_corpus()[300:600], tmp_path / "o.model", 420)
-    cache = build_token_cache(DOCS, other, tmp_path / "c", "fp")
-    assert cache.document(0)[1:-1].tolist() == other.encode(DOCS[0])
 
 
 # ------------------------------------------------------------------ windows

@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llamalab.data.corpus import TEXT_SUFFIXES
 from llamalab.data.errors import DataError
 
 PIECE_BYTES = 64 * 2**20  # a .jsonl piece: about 64 MiB of text
@@ -53,6 +52,24 @@ class Piece:
         return asdict(self)
 
 
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def text_files(root: Path) -> list[Path]:
+    """``root`` itself, or every text file below it in sorted path order; an unsupported file or
+    a directory with none raises DataError."""
+    if root.is_file():
+        if root.suffix not in TEXT_SUFFIXES:
+            raise DataError(
+                f"unsupported file type {root.suffix!r} (use {TEXT_SUFFIXES})", path=str(root)
+            )
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"directory holds no {'/'.join(TEXT_SUFFIXES)} file", path=str(root))
+    return files
+
+
 def plan_pieces(path: str | os.PathLike[str], piece_bytes: int = PIECE_BYTES) -> list[Piece]:
     """The pieces of a source, cheaply (file sizes, line ends and Parquet metadata only).
 
@@ -63,20 +80,10 @@ def plan_pieces(path: str | os.PathLike[str], piece_bytes: int = PIECE_BYTES) ->
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError("no such file or directory", path=str(root))
-    if root.is_dir() and _is_saved_dataset(root):
+    if root.is_dir() and is_saved_dataset(root):
         return _saved_pieces(root)
-    if root.is_file():
-        files = [root]
-        if root.suffix not in TEXT_SUFFIXES:
-            raise DataError(
-                f"unsupported file type {root.suffix!r} (use {TEXT_SUFFIXES})", path=str(root)
-            )
-    else:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise DataError(f"directory holds no {'/'.join(TEXT_SUFFIXES)} file", path=str(root))
     pieces: list[Piece] = []
-    for file in files:
+    for file in text_files(root):
         source = file.name if file == root else file.relative_to(root).as_posix()
         if file.suffix == ".txt":
             pieces.append(Piece(source, str(file), "txt"))
@@ -124,7 +131,8 @@ def _parquet_pieces(file: Path, source: str) -> list[Piece]:
     return pieces
 
 
-def _is_saved_dataset(root: Path) -> bool:
+def is_saved_dataset(root: Path) -> bool:
+    """A directory written by ``datasets.Dataset(Dict).save_to_disk``."""
     return (root / "dataset_info.json").is_file() or (root / "dataset_dict.json").is_file()
 
 
