@@ -26,7 +26,7 @@ from llamalab import chat, pipeline
 from llamalab.checkpoint import CheckpointError, load_model
 from llamalab.checkpoint.hf import head_from_config
 from llamalab.checkpoint.lazy import LazyCheckpoint
-from llamalab.generation import answer_prompts
+from llamalab.generation import TURN_SEED_STRIDE, play_turns
 from llamalab.model import Llama, LlamaScalar
 from llamalab.stages.reward import score_token_rows
 from llamalab.tokenizer import Message, Tokenizer
@@ -35,7 +35,6 @@ from llamalab.tokenizer import Message, Tokenizer
 # that exists (`<outputs_root>/<run>/latest`, linked when a run finishes).
 CHAT_RUNS = ("ppo", "dpo", "rejection_sampling", "sft")
 HEADS = {"lm": "a language model", "scalar": "a reward model"}
-TURN_SEED_STRIDE = 1_000_003  # play_dialogs: turn t is seeded seed + t * stride
 
 
 class EvalError(ValueError):
@@ -242,39 +241,25 @@ def play_dialogs(
     seed: int,
     batch_size: int,
 ) -> list[list[Message]]:
-    """Play multi-turn dialogs to the end, turn by turn, batched across dialogs.
+    """Play multi-turn dialogs to the end (:func:`llamalab.generation.play_turns`).
 
-    ``dialogs[i]`` is ``(system or None, [(user text, fixed assistant reply or None), ...])``.
-    At turn ``t`` every dialog with more than ``t`` turns gets its user message; a fixed reply is
-    appended as is, otherwise the policy answers (given the dialog so far, its own earlier
-    answers included; turn ``t`` seeded ``seed + t * TURN_SEED_STRIDE``). Returns each dialog's
-    messages; the last is the policy's answer to the last turn.
+    ``dialogs[i]`` is ``(system or None, [(user text, fixed assistant reply or None), ...])``: a
+    fixed reply is appended as is, otherwise the policy answers (turn ``t`` seeded
+    ``seed + t * TURN_SEED_STRIDE``). Returns each dialog's messages; the last is the policy's
+    answer to the last turn.
     """
-    messages: list[list[Message]] = [
-        [{"role": "system", "content": system}] if system else [] for system, _ in dialogs
-    ]
-    longest = max((len(turns) for _, turns in dialogs), default=0)
-    for t in range(longest):
-        pending = []
-        for i, (_, turns) in enumerate(dialogs):
-            if len(turns) <= t:
-                continue
-            user, fixed = turns[t]
-            messages[i].append({"role": "user", "content": user})
-            if fixed is not None:
-                messages[i].append({"role": "assistant", "content": fixed})
-            else:
-                pending.append(i)
-        answers = answer_prompts(
-            model,
-            tokenizer,
-            [messages[i] for i in pending],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed + t * TURN_SEED_STRIDE,
-            batch_size=batch_size,
-        )
-        for i, answer in zip(pending, answers, strict=True):
-            messages[i].append({"role": "assistant", "content": answer.response})
+    heads = [[{"role": "system", "content": system}] if system else [] for system, _ in dialogs]
+    turns = [[({"role": "user", "content": u}, fixed) for u, fixed in t] for _, t in dialogs]
+    messages, _ = play_turns(
+        model,
+        tokenizer,
+        heads,
+        turns,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        turn_stride=TURN_SEED_STRIDE,
+    )
     return messages

@@ -14,12 +14,14 @@ Imports the model and the tokenizer only (no Lightning).
 """
 
 from llamalab.generation.answer import (
+    TURN_SEED_STRIDE,
     Answer,
     answer_prompts,
     answer_turns,
     decode_answer,
     generate_chunks,
     merge_generations,
+    play_turns,
     sample_responses,
 )
 from llamalab.generation.sampling import (
@@ -31,6 +33,7 @@ from llamalab.generation.sampling import (
 )
 
 __all__ = [
+    "TURN_SEED_STRIDE",
     "Answer",
     "GenerationOutput",
     "answer_prompts",
@@ -40,6 +43,7 @@ __all__ = [
     "generate_chunks",
     "left_pad",
     "merge_generations",
+    "play_turns",
     "sample_next",
     "sample_responses",
     "sample_top_p",

@@ -3,7 +3,8 @@
 One path for every place that answers prompts: SFT's validation samples
 (:mod:`llamalab.stages.sft`), ``src/generate.py`` and ``src/chat.py`` (:mod:`llamalab.chat`)
 call :func:`answer_prompts`; Ghost Attention's samples and its adherence by turn
-(:mod:`llamalab.data.gatt`) call :func:`answer_turns` (multi-turn dialogs, turn by turn); PPO's
+(:mod:`llamalab.data.gatt`) call :func:`answer_turns` (multi-turn dialogs, turn by turn), and
+the red-team and win-rate suites :func:`play_turns` (the same, with fixed replies); PPO's
 rollouts, rejection sampling and the held-out policy evaluation start from token ids and call
 :func:`sample_responses`.
 
@@ -156,6 +157,61 @@ def answer_prompts(
             yield Answer(decode_answer(tokenizer, tokens), tokens, bool(finished))
 
 
+TURN_SEED_STRIDE = 1_000_003  # play_turns / answer_turns: turn t is seeded seed + t * stride
+
+
+def play_turns(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    heads: Sequence[Sequence[Message]],
+    turns: Sequence[Sequence[tuple[Message, str | None]]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    seed: int,
+    batch_size: int | None = None,
+    turn_stride: int = TURN_SEED_STRIDE,
+) -> tuple[list[list[Message]], list[list[Answer]]]:
+    """Play multi-turn dialogs to their end, turn by turn, batched across dialogs.
+
+    Dialog ``i`` starts with ``heads[i]`` (a system message, or nothing) and has the turns
+    ``turns[i]``: ``(user message, fixed assistant reply or None)``. At turn ``t`` every dialog
+    with more than ``t`` turns gets its user message; a fixed reply is appended as it is (a
+    primed history), otherwise the model answers given the dialog so far, its own earlier
+    answers included. Turn ``t``'s answers are one :func:`answer_prompts` call seeded
+    ``seed + t * turn_stride``, so the result is a function of (weights, dialogs, seed, batch
+    size). Returns each dialog's messages and the model's answers, in turn order.
+    """
+    messages: list[list[Message]] = [[dict(m) for m in head] for head in heads]
+    answers: list[list[Answer]] = [[] for _ in heads]
+    for t in range(max((len(x) for x in turns), default=0)):
+        pending = []
+        for i, dialog_turns in enumerate(turns):
+            if len(dialog_turns) <= t:
+                continue
+            user, fixed = dialog_turns[t]
+            messages[i].append(dict(user))
+            if fixed is not None:
+                messages[i].append({"role": "assistant", "content": fixed})
+            else:
+                pending.append(i)
+        replies = answer_prompts(
+            model,
+            tokenizer,
+            [messages[i] for i in pending],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed + t * turn_stride,
+            batch_size=batch_size,
+        )
+        for i, reply in zip(pending, replies, strict=True):
+            messages[i].append({"role": "assistant", "content": reply.response})
+            answers[i].append(reply)
+    return messages, answers
+
+
 def answer_turns(
     model: nn.Module,
     tokenizer: Tokenizer,
@@ -166,16 +222,13 @@ def answer_turns(
     top_p: float | None,
     seed: int,
     batch_size: int | None = None,
-    turn_stride: int = 1_000_003,
+    turn_stride: int = TURN_SEED_STRIDE,
 ) -> list[list[Answer]]:
-    """Answer multi-turn dialogs turn by turn, each from its own earlier answers.
+    """Answer multi-turn dialogs turn by turn, each from its own earlier answers
+    (:func:`play_turns` with no fixed reply).
 
     ``dialogs[i]`` holds a dialog's messages without answers: an optional system message, then
-    its user turns. At turn ``t`` every dialog with more than ``t`` user turns is answered given
-    its first ``t + 1`` user turns and the answers it gave at turns ``0..t-1``; dialogs are batched
-    by ``batch_size`` (:func:`answer_prompts`), turn ``t`` seeded ``seed + t * turn_stride``, so
-    the result is a function of (weights, dialogs, seed, batch size). Returns each dialog's
-    answers in turn order.
+    its user turns. Returns each dialog's answers in turn order.
     """
     for index, dialog in enumerate(dialogs):
         roles = [m["role"] for m in dialog]
@@ -183,30 +236,18 @@ def answer_turns(
             raise ValueError(
                 f"dialog {index}: give the user turns (and an optional system) without answers"
             )
-    answers: list[list[Answer]] = [[] for _ in dialogs]
-    turns = [[m for m in d if m["role"] == "user"] for d in dialogs]
     heads = [[m for m in d if m["role"] != "user"] for d in dialogs]
-    for turn in range(max(len(t) for t in turns) if turns else 0):
-        live = [i for i, t in enumerate(turns) if len(t) > turn]
-        prompts = []
-        for i in live:
-            messages = list(heads[i])
-            for k in range(turn):
-                messages += [
-                    dict(turns[i][k]),
-                    {"role": "assistant", "content": answers[i][k].response},
-                ]
-            prompts.append([*messages, dict(turns[i][turn])])
-        replies = answer_prompts(
-            model,
-            tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed + turn * turn_stride,
-            batch_size=batch_size,
-        )
-        for i, reply in zip(live, replies, strict=True):
-            answers[i].append(reply)
+    turns = [[(m, None) for m in d if m["role"] == "user"] for d in dialogs]
+    _, answers = play_turns(
+        model,
+        tokenizer,
+        heads,
+        turns,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        batch_size=batch_size,
+        turn_stride=turn_stride,
+    )
     return answers
