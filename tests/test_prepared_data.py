@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -211,3 +212,29 @@ def test_mixture_resumes_on_another_world_size(prepared) -> None:
         assert together == expected, f"world size {world}: windows repeated or skipped"
         # only a tail is dropped: the uneven end of the deal and the ranks' incomplete batches
         assert len(full) - len(consumed) - len(rest) < 2 * world
+
+
+def test_minhash_removes_near_duplicates_and_repetition_filter_repeated_text(
+    tmp_path: Path,
+) -> None:
+    """MinHash (5-grams, 14x8 buckets) drops documents that differ from an earlier one by one
+    word of 40 (about 0.9 Jaccard similarity of 5-grams); the repetition filter drops a document made of one line repeated."""
+    rng = random.Random(0)  # letters only: MinHash's normalisation maps every digit to 0
+
+    def word() -> str:
+        return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(6))
+
+    docs = [" ".join(word() for _ in range(40)) for _ in range(20)]
+    near = [f"{word()} {d.split(' ', 1)[1]}" for d in docs[:4]]  # the first word changed
+    repeated = "\n".join(["the same line, said again and again"] * 30)
+    rows = docs + near + [repeated]
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    pieces, removed = clean_corpus(
+        plan_pieces(tmp_path / "s.jsonl"),
+        tmp_path / "clean",
+        {"minhash": True, "repetition": True},
+        workers=1,
+    )
+    kept = [text for p in pieces for _, _, text in read_piece(p)]
+    assert sorted(kept) == sorted(docs)
+    assert removed.get("minhash") == 4 and sum(removed.values()) == 5, removed
