@@ -135,11 +135,17 @@ def eval_policy(
         def sample(prompts: Sequence[Sequence[int]], *, seed: int, **kwargs: Any) -> Any:
             rows = [list(p) for p in prompts]
             return stage_rollout(
-                engine, stage, actor, rows, seed_of=lambda rank: seed + rank, keep=True, **kwargs
+                engine,
+                stage,
+                actor,
+                rows,
+                seed_of=lambda rank: seed + rank,
+                keep=True,
+                chosen="tensor_parallel",  # chosen above, once: no second all-reduce per call
+                **kwargs,
             )
 
-        if stage.global_rank == 0 and not getattr(engine, "eval_logged", False):
-            engine.eval_logged = True
+        if stage.global_rank == 0 and engine.builds <= 1:
             log.info("held-out evaluation samples with the tensor_parallel rollout engine")
         yield actor, sample
         return
